@@ -1,0 +1,5 @@
+"""Rollout: engines (token-in/token-out generation) and the multi-turn / tree loops built on them."""
+
+from atpo_megatron.rollout.engine import Completion, Engine, SamplingParams, make_engine, segment_entropy
+
+__all__ = ["Completion", "Engine", "SamplingParams", "make_engine", "segment_entropy"]
