@@ -307,8 +307,14 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value is not None:
             raise ConfigError(f"{key} must be null")
         return None
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if annotation is float and not isinstance(value, bool):
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     if annotation in (int, float, str, bool):
         if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
             raise ConfigError(f"{key}={value!r} must be of type {annotation.__name__}")

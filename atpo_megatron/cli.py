@@ -1,0 +1,77 @@
+"""The ``atpo`` command: dispatch only.
+
+Each subcommand lives in its own module, which adds its arguments and runs it. Only the module of
+the subcommand being run is imported, so ``atpo --help`` stays instant and ``atpo retriever`` never
+imports megatron.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    add_arguments: str
+    run: str
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "config": Command("atpo_megatron.cli", "add_config_arguments", "config_main",
+                      "print the resolved configuration tree (YAML + overrides, validated)"),
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = sub.add_parser("show", help="print the resolved configuration", description="Print the "
+                          "configuration after loading CONFIG and applying key.sub=value overrides.")
+    show.add_argument("config", nargs="?", help="YAML config file (omit for the defaults)")
+    show.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides, e.g. tree.top_k=4")
+
+
+def config_main(args: argparse.Namespace) -> int:
+    from atpo_megatron.config import dump_config, load_config
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # `atpo config show tree.top_k=4` without a file
+        config, overrides = None, [config, *overrides]
+    print(dump_config(load_config(config, overrides)), end="")
+    return 0
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only ``command``'s module is imported to add its arguments."""
+    parser = argparse.ArgumentParser(
+        prog="atpo",
+        description="AT²PO on megatron-core: turn-level tree rollouts, turn-wise credit and the ATPO loss.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=cmd.help, description=cmd.help[0].upper() + cmd.help[1:] + ".")
+        if name == command:
+            getattr(importlib.import_module(cmd.module), cmd.add_arguments)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from atpo_megatron.config import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    cmd = COMMANDS[args.command]
+    try:
+        return int(getattr(importlib.import_module(cmd.module), cmd.run)(args) or 0)
+    except ConfigError as exc:
+        print(f"atpo {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
