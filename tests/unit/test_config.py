@@ -96,3 +96,12 @@ def test_every_command_has_help(capsys):
         assert info.value.code == 0
         assert "usage: atpo " + name in capsys.readouterr().out
     assert Config() == load_config()
+
+
+def test_every_example_config_loads():
+    from pathlib import Path
+
+    examples = sorted(Path(__file__).parents[2].joinpath("examples").glob("*.yaml"))
+    assert examples, "examples/ holds the YAML configs"
+    for path in examples:
+        load_config(path)
