@@ -24,6 +24,10 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "config": Command("atpo_megatron.cli", "add_config_arguments", "config_main",
                       "print the resolved configuration tree (YAML + overrides, validated)"),
+    "retriever": Command("atpo_megatron.cli", "add_retriever_command", "retriever_command",
+                         "serve a Search-R1-compatible /retrieve endpoint (BM25 or dense) over a corpus"),
+    "report": Command("atpo_megatron.report", "add_report_arguments", "report_main",
+                      "summarise a run directory: a table and PNG plots of reward, loss and stage times"),
 }
 
 
@@ -43,6 +47,21 @@ def config_main(args: argparse.Namespace) -> int:
         config, overrides = None, [config, *overrides]
     print(dump_config(load_config(config, overrides)), end="")
     return 0
+
+
+def add_retriever_command(parser: argparse.ArgumentParser) -> None:
+    from atpo_megatron.env.retriever import add_retriever_arguments
+
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add_retriever_arguments(sub.add_parser(
+        "serve", help="serve POST /retrieve and GET /health",
+        description="Serve the Search-R1 retrieval API (POST /retrieve, GET /health) over a FlashRAG JSONL corpus."))
+
+
+def retriever_command(args: argparse.Namespace) -> int:
+    from atpo_megatron.env.retriever import retriever_main
+
+    return retriever_main(args)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
