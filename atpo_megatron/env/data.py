@@ -119,7 +119,7 @@ def _question_from_prompt(prompt: Any) -> str | None:
 
 GENERATOR_VERSION = 1
 
-_ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "sh", "t", "th", "tr", "v", "z"]
+_ONSETS = "b br d dr f g gr h k kr l m n p r s sh t th tr v z".split()
 _VOWELS = ["a", "e", "i", "o", "u", "a", "e", "o", "ai", "ou"]
 _CODAS = ["", "", "l", "n", "r", "s", "nd", "rk", "x"]
 _COMPANY_SUFFIXES = ["Industries", "Works", "Engineering", "Holdings", "Group", "Construction", "Materials"]
@@ -199,8 +199,9 @@ class _World:
     def _stem(self) -> str:
         """A fresh invented word such as "Varlo" or "Treishand"."""
         while True:
-            syllables = [self.rng.choice(_ONSETS) + self.rng.choice(_VOWELS) for _ in range(self.rng.choice([2, 2, 2, 3]))]
-            word = ("".join(syllables) + self.rng.choice(_CODAS)).capitalize()
+            n_syllables = self.rng.choice([2, 2, 2, 3])
+            syllables = "".join(self.rng.choice(_ONSETS) + self.rng.choice(_VOWELS) for _ in range(n_syllables))
+            word = (syllables + self.rng.choice(_CODAS)).capitalize()
             if len(word) >= 4 and word not in self._used:
                 self._used.add(word)
                 return word

@@ -149,7 +149,8 @@ class BM25Backend:
         if not target.is_dir():
             started = time.perf_counter()
             _publish_dir(lambda d: self._build(corpus).save(str(d), show_progress=False), target)
-            logger.info("built BM25 index of %d passages in %.1fs: %s", len(corpus), time.perf_counter() - started, target)
+            seconds = time.perf_counter() - started
+            logger.info("built BM25 index of %d passages in %.1fs: %s", len(corpus), seconds, target)
         self._index = bm25s.BM25.load(str(target), show_progress=False)
 
     def _build(self, corpus: Corpus) -> Any:
@@ -210,7 +211,9 @@ class DenseBackend:
     def _encode(self, texts: list[str], is_query: bool) -> np.ndarray:
         vectors = np.asarray(self._embed(texts, is_query), dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[0] != len(texts):
-            raise ValueError(f"embedding function returned shape {vectors.shape} for {len(texts)} texts; expected [n, dim]")
+            raise ValueError(
+                f"embedding function returned shape {vectors.shape} for {len(texts)} texts; expected [n, dim]"
+            )
         return vectors
 
     def search(self, queries: list[str], topk: int) -> list[Hits]:
@@ -397,7 +400,7 @@ class RetrieverServer:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                self._fail(f"the retriever server did not answer {self.base_url}/health within {self.startup_timeout_s}s")
+                self._fail(f"no answer from {self.base_url}/health within {self.startup_timeout_s}s")
             time.sleep(0.1)
 
     def _fail(self, reason: str) -> None:

@@ -70,6 +70,7 @@ class SearchClient:
             replies); HTTP 4xx fails at once.
         backoff_s: wait before the first retry; doubles for each further retry.
         max_chars: each passage is cut to this many characters.
+        transport: an httpx transport to use instead of the network (tests).
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class SearchClient:
         retries: int = 4,
         backoff_s: float = 0.5,
         max_chars: int = 1000,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         if topk < 1 or retries < 0 or timeout_s <= 0 or backoff_s < 0 or max_chars < 1:
             raise ValueError(
@@ -92,7 +94,7 @@ class SearchClient:
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_chars = max_chars
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout_s))
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout_s), transport=transport)
 
     def search(self, query: str) -> SearchResult:
         """Search one query (see ``search_batch``)."""
