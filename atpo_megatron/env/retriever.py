@@ -176,7 +176,9 @@ class DenseBackend:
 
     ``embed`` maps texts to vectors (``sentence_transformer_embedder`` for real models). Passage
     embeddings are cached as ``<cache_dir>/dense-<key>/embeddings.npy`` when ``cache_dir`` is
-    given; ``model_name`` is part of the key.
+    given; ``model_name`` is part of the key. A search scores ``chunk_rows`` passages at a time,
+    so memory stays at [queries, chunk_rows] floats beyond the embeddings (memory-mapped from the
+    cache). For wiki-18 scale (21M passages) a FAISS/GPU index would be much faster.
     """
 
     name = "dense"
@@ -189,9 +191,11 @@ class DenseBackend:
         model_name: str,
         cache_dir: Path | None = None,
         batch_size: int = 256,
+        chunk_rows: int = 1 << 16,
     ) -> None:
         self._embed = embed
         self._batch_size = batch_size
+        self._chunk_rows = chunk_rows
         if cache_dir is None:
             self._embeddings = self._encode_corpus(corpus)
             return
@@ -219,14 +223,19 @@ class DenseBackend:
     def search(self, queries: list[str], topk: int) -> list[Hits]:
         if not queries:
             return []
-        scores = self._encode(queries, is_query=True) @ self._embeddings.T  # [queries, passages]
-        k = min(topk, scores.shape[1])
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        hits = []
-        for row, candidates in zip(scores, top):
-            ranked = candidates[np.argsort(-row[candidates], kind="stable")]
-            hits.append([(int(i), float(row[i])) for i in ranked])
-        return hits
+        query = self._encode(queries, is_query=True)  # [Q, dim]
+        k = min(topk, len(self._embeddings))
+        best_ids = np.empty((len(queries), 0), dtype=np.int64)  # [Q, <= k], best first
+        best_scores = np.empty((len(queries), 0), dtype=np.float32)
+        for start in range(0, len(self._embeddings), self._chunk_rows):
+            scores = query @ self._embeddings[start : start + self._chunk_rows].T  # [Q, chunk]
+            top = np.argpartition(-scores, min(k, scores.shape[1]) - 1, axis=1)[:, :k]
+            best_ids = np.concatenate([best_ids, top + start], axis=1)
+            best_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
+            keep = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]
+            best_ids = np.take_along_axis(best_ids, keep, axis=1)
+            best_scores = np.take_along_axis(best_scores, keep, axis=1)
+        return [[(int(i), float(s)) for i, s in zip(ids, row)] for ids, row in zip(best_ids, best_scores)]
 
 
 def sentence_transformer_embedder(

@@ -96,6 +96,11 @@ def test_dense_backend_flat_inner_product(small_corpus, tmp_path):
     cached = DenseBackend(corpus, embed, model_name="bow", cache_dir=tmp_path)
     assert calls == []  # passage embeddings come from the cache
     assert cached.search(["Tesh city Brun River"], topk=2) == [hits[1]]
+    chunked = DenseBackend(corpus, embed, model_name="bow", chunk_rows=1)  # one passage at a time
+    queries = ["Orvane Industries founded by Kel Mar", "Tesh city Brun River"]  # no ties in their top 2
+    for got, expected in zip(chunked.search(queries, topk=2), dense.search(queries, topk=2)):
+        assert [i for i, _ in got] == [i for i, _ in expected]
+        assert [s for _, s in got] == pytest.approx([s for _, s in expected], abs=1e-6)
 
 
 def test_dense_backend_rejects_bad_embeddings(small_corpus):
