@@ -93,15 +93,14 @@ def child_weights(child_entropy: Sequence[float], value_mode: str) -> list[float
 
 
 def node_values(
-    parents: Sequence[int], entropy: Sequence[float], leaf_values: Mapping[int, float], value_mode: str
+    children: list[list[int]], entropy: Sequence[float], leaf_values: Mapping[int, float], value_mode: str
 ) -> list[float]:
     """V_n for every node, bottom-up (Eq. 3): leaves keep their value; internal nodes combine their children's,
-    or, in ``leaf_mean`` mode, average all their descendant leaves.
+    or, in ``leaf_mean`` mode, average all their descendant leaves. ``children`` is ``children_of(parents)``.
     """
-    children = children_of(parents)
-    values = [0.0] * len(parents)
-    leaf_sum = [0.0] * len(parents)
-    leaf_count = [0] * len(parents)
+    values = [0.0] * len(children)
+    leaf_sum = [0.0] * len(children)
+    leaf_count = [0] * len(children)
     for node in _post_order(children):
         kids = children[node]
         if not kids:
@@ -152,7 +151,7 @@ def turn_advantages(
     rewards = _leaf_reward_list(leaf_rewards, leaves, n)
     if normalize_leaves:
         rewards = normalize_rewards(rewards, eps)
-    values = node_values(parents, entropy, dict(zip(leaves, rewards)), value_mode)
+    values = node_values(children, entropy, dict(zip(leaves, rewards)), value_mode)
     root = values[0]
     advantages = [0.0] * n
     for i in range(1, n):

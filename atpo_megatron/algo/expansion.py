@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
+from atpo_megatron.algo.credit import children_of
+
 EXPANSION_MODES = ("entropy", "random")
 
 
@@ -16,9 +18,7 @@ def expansion_scores(parents: Sequence[int], entropy: Sequence[float], alpha: fl
     """Branching-penalised score of every node (spec §3.3, code form of the paper's s(n)):
     ``s(n) = H(n) - alpha * max(0, |children(parent(n))| - 1)``; the root uses its own children.
     """
-    n_children = [0] * len(parents)
-    for p in parents[1:]:
-        n_children[p] += 1
+    n_children = [len(c) for c in children_of(parents)]
     scores = []
     for i, h in enumerate(entropy):
         siblings = n_children[parents[i]] if i > 0 else n_children[0]
@@ -54,8 +54,7 @@ def select_expansion_nodes(
     if len(entropy) != n or len(is_leaf) != n:
         raise ValueError(f"parents, entropy and is_leaf must have one entry per node, got {n}, {len(entropy)}, "
                          f"{len(is_leaf)}")
-    if n == 0 or parents[0] != -1 or any(not 0 <= p < n for p in parents[1:]):
-        raise ValueError("parents must describe a tree rooted at node 0 (parents[0] == -1, others index a node)")
+    children_of(parents)  # validates the tree
     candidates = [i for i in range(n) if not is_leaf[i]]
     if not candidates:
         raise ValueError("no expandable node: every node is a leaf (expansion needs a root with children)")

@@ -92,20 +92,22 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def turn_mean_log_ratio(log_ratio: Tensor, mask: Tensor) -> Tensor:
-    """Per token, the mean of ``log_ratio`` over its turn (the exponent of s^turn, Eq. 11); 0 outside the mask.
+def _turn_sums(x: Tensor, ids: Tensor) -> Tensor:
+    """Sum of ``x`` ``[B, T]`` over each turn of ``ids = turn_ids(mask)``: ``[B, K]``, K = ``(T + 1) // 2``.
 
-    Vectorised: turn ids by cumsum, sums and counts per (row, turn) by ``scatter_add``. A row of T
-    tokens has at most ``(T + 1) // 2`` turns, which bounds the scatter target without a host sync.
+    A row of T tokens has at most ``(T + 1) // 2`` turns, which bounds the ``scatter_add`` target
+    without a host sync. ``x`` must be 0 outside the mask (those tokens add to turn 0).
     """
-    B, T = log_ratio.shape
-    idx = turn_ids(mask).clamp(min=0)  # masked-out tokens add 0 to turn 0
-    K = max((T + 1) // 2, 1)
+    B, T = x.shape
+    return x.new_zeros(B, max((T + 1) // 2, 1)).scatter_add_(1, ids.clamp(min=0), x)
+
+
+def turn_mean_log_ratio(log_ratio: Tensor, mask: Tensor) -> Tensor:
+    """Per token, the mean of ``log_ratio`` over its turn (the exponent of s^turn, Eq. 11); 0 outside the mask."""
     m = mask.to(log_ratio.dtype)
-    sums = log_ratio.new_zeros(B, K).scatter_add_(1, idx, log_ratio * m)
-    counts = log_ratio.new_zeros(B, K).scatter_add_(1, idx, m)
-    means = sums / counts.clamp(min=1)
-    return means.gather(1, idx) * m
+    ids = turn_ids(mask)
+    means = _turn_sums(log_ratio * m, ids) / _turn_sums(m, ids).clamp(min=1)
+    return means.gather(1, ids.clamp(min=0)) * m
 
 
 @torch.no_grad()
@@ -117,14 +119,11 @@ def turn_kl_entropy(log_ratio: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     ``H_i = 0`` when N_i < 2 or KL_i == 0. H_turn is the mean of H_i over the sequences that have
     at least one masked token.
     """
-    B, T = log_ratio.shape
     ids = turn_ids(mask)
-    K = max((T + 1) // 2, 1)
-    m = mask.to(log_ratio.dtype)
-    kl_turn = log_ratio.new_zeros(B, K).scatter_add_(1, ids.clamp(min=0), log_ratio * m)
+    kl_turn = _turn_sums(log_ratio * mask.to(log_ratio.dtype), ids)
     n_turns = ids.max(dim=1).values + 1  # [B], 0 for an empty row
     kl_seq = kl_turn.sum(dim=1)
-    valid = torch.arange(K, device=ids.device)[None, :] < n_turns[:, None]
+    valid = torch.arange(kl_turn.shape[1], device=ids.device)[None, :] < n_turns[:, None]
     safe_seq = torch.where(kl_seq == 0, torch.ones_like(kl_seq), kl_seq)
     logits = torch.where(valid, kl_turn / safe_seq[:, None], torch.full_like(kl_turn, -math.inf))
     logits[:, 0] = torch.where(n_turns == 0, torch.zeros_like(kl_seq), logits[:, 0])  # avoid an all -inf row

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from atpo_megatron.algo.credit import turn_advantages
+from atpo_megatron.algo.credit import children_of, turn_advantages
 from atpo_megatron.algo.losses import turn_ids as _turn_ids
 
 
@@ -104,13 +104,11 @@ class TurnTree:
         root = self.nodes[0]
         if root.parent != -1 or root.tokens:
             raise ValueError("node 0 must be the root: parent -1 and no tokens (the prompt is prompt_ids)")
-        children: list[list[int]] = [[] for _ in self.nodes]
         for i, node in enumerate(self.nodes):
             _check_node(i, node)
-            if i > 0:
-                if not 0 <= node.parent < i:
-                    raise ValueError(f"node {i} has parent {node.parent}; a parent must come before its child")
-                children[node.parent].append(i)
+            if i > 0 and not 0 <= node.parent < i:
+                raise ValueError(f"node {i} has parent {node.parent}; a parent must come before its child")
+        children = children_of(self.parents())
         for i, node in enumerate(self.nodes):
             if node.children != children[i]:
                 raise ValueError(f"node {i} lists children {node.children} but its children are {children[i]}")

@@ -73,5 +73,5 @@ def test_bad_inputs_raise_clear_errors():
         select_expansion_nodes(PARENTS, ENTROPY[:-1], IS_LEAF, 2)
     with pytest.raises(ValueError, match="non-finite entropy"):
         select_expansion_nodes(PARENTS, [float("nan")] + ENTROPY[1:], IS_LEAF, 2)
-    with pytest.raises(ValueError, match="rooted at node 0"):
+    with pytest.raises(ValueError, match="node 0 is the root"):
         select_expansion_nodes([0, 0], [0.0, 0.0], [False, True], 1)
