@@ -73,6 +73,10 @@ class HFEngine:
         self.static_cache = static_cache
         self.eos_token_ids = set(eos_token_ids) if eos_token_ids is not None else _default_eos_ids(model, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # A vocab padded past the tokenizer (Qwen) has rows no text maps to: never sample them
+        # (the paper's allowed_token_ids fix, spec 2.2). Log-probs still use the full softmax.
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.sample_vocab = len(tokenizer) if len(tokenizer) < vocab else None
         self._asleep = False
 
     # ---------------------------------------------------------------- generation
@@ -126,7 +130,7 @@ class HFEngine:
         live = list(range(B))  # chunk rows still in the batch, in batch order
         stop_window = 4 * max((len(s) for s in params.stop), default=0) + 4
         for t in range(T):
-            tok, lp = _sample(logits, params, gen)
+            tok, lp = _sample(logits, params, gen, self.sample_vocab)
             tok_l, lp_l = tok.tolist(), lp.tolist()  # the one host sync per step
             keep = []
             for j, r in enumerate(live):
@@ -225,13 +229,17 @@ class HFEngine:
         self._asleep = False
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row from logits [B, V]; return (tokens [B], raw log-probs [B]) in fp32."""
+def _sample(
+    logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, vocab_limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from logits [B, V] (only ids < vocab_limit when given); return
+    (tokens [B], raw log-probs [B]) in fp32."""
     logits = logits.float()
+    allowed = logits[:, :vocab_limit] if vocab_limit else logits
     if params.temperature == 0:
-        tok = logits.argmax(-1)
+        tok = allowed.argmax(-1)
     else:
-        x = logits / params.temperature
+        x = allowed / params.temperature
         if 0 < params.top_k < x.shape[-1]:
             kth = x.topk(params.top_k, dim=-1).values[:, -1:]
             x = x.masked_fill(x < kth, float("-inf"))

@@ -311,3 +311,25 @@ def test_make_engine_from_folder(tmp_path, tokenizer, prompts):
     assert all(g.logprobs == pytest.approx(w.logprobs, abs=1e-5) for g, w in zip(got, want))
     with pytest.raises(ValueError, match="rollout.engine"):
         make_engine(dataclasses.replace(cfg, engine="sglang"), tmp_path)
+
+
+def test_padded_vocab_rows_are_never_sampled(tokenizer, prompts):
+    # Qwen-style: the model's vocab is padded past the tokenizer. Make the padding rows win every argmax.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152 + 64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 1.0)
+        model.lm_head.weight[49152:] *= 5.0
+    eng = HFEngine(model, tokenizer, device="cpu")
+    assert eng.sample_vocab == 49152
+    for params in (GREEDY, SamplingParams(max_tokens=12, seed=0)):
+        for p, c in zip(prompts, eng.generate(prompts, params)):
+            assert max(c.token_ids) < 49152
+            ref, lp = teacher_forced_logprobs(model, p, c.token_ids)  # full softmax, padding included
+            assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-5, rtol=1e-6)  # values ~ -50
+            if params is GREEDY:
+                assert lp.argmax(-1).min() >= 49152  # unrestricted argmax would have picked padding
