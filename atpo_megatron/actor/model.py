@@ -219,7 +219,8 @@ def build_model(hf_config, model_cfg: ModelConfig, parallel: ParallelConfig) -> 
 
     Tied embeddings (``tie_word_embeddings``) use megatron's shared embedding/output weight, also
     across pipeline stages. Weights are randomly initialised; load real ones with
-    ``weights.hf_bridge.load_hf_weights``.
+    ``weights.hf_bridge.load_hf_weights``. Each GPTModel keeps the HF config as ``.hf_config``; its
+    ``.vocab_size`` is megatron's padded one, ``.hf_config.vocab_size`` the real one.
     """
     _check_layout_matches(parallel)
     config = transformer_config_from_hf(hf_config, model_cfg, parallel)
@@ -243,8 +244,16 @@ def build_model(hf_config, model_cfg: ModelConfig, parallel: ParallelConfig) -> 
             rope_scaling_factor=float(rope.get("factor", 8.0)),
             vp_stage=vp_stage,
         )
+        model.hf_config = hf_config  # what weights/hf_bridge needs to name and trim exported tensors
         models.append(Float16Module(config, model) if config.bf16 else model)
     return models
+
+
+def unwrap(model: torch.nn.Module) -> GPTModel:
+    """The ``GPTModel`` inside ``Float16Module`` / DDP wrappers."""
+    while not isinstance(model, GPTModel):
+        model = model.module
+    return model
 
 
 def _check_layout_matches(parallel: ParallelConfig) -> None:
