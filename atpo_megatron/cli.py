@@ -24,6 +24,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "config": Command("atpo_megatron.cli", "add_config_arguments", "config_main",
                       "print the resolved configuration tree (YAML + overrides, validated)"),
+    "train": Command("atpo_megatron.trainer", "add_train_arguments", "train_main",
+                     "train with AT²PO (or the GRPO/GSPO baselines) on a Megatron actor"),
     "retriever": Command("atpo_megatron.cli", "add_retriever_command", "retriever_command",
                          "serve a Search-R1-compatible /retrieve endpoint (BM25 or dense) over a corpus"),
     "report": Command("atpo_megatron.report", "add_report_arguments", "report_main",

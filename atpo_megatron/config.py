@@ -88,6 +88,8 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.6
     enable_sleep: bool = True
     """Colocated mode: the engine frees its memory while the actor trains."""
+    sync_bucket_mb: int = 512
+    """Weight sync streams the actor's weights into the engine in buckets of this size."""
     static_cache: bool = False
     """hf engine on GPU: static KV cache (10x faster decode measured on the H200)."""
 

@@ -1,0 +1,434 @@
+"""``atpo train``: the AT²PO loop, one SPMD job (``torchrun`` on a machine, ``srun`` + ``torchrun`` on SLURM).
+
+    rollout (trees or chains) -> rewards -> turn-wise credit -> old log-probs -> PPO mini-batches
+      -> weight sync -> [greedy evaluation] -> logging -> [checkpoint] -> next step
+
+Who does what. Every rank holds its Megatron shard of the actor. The first rank of each
+model-parallel group (TP rank 0, PP rank 0: the "DP leader") also holds a rollout engine and samples
+the trees of its share of the prompts; the sequences of all leaders are then gathered on every
+rank, because ``actor.train_step`` splits a mini-batch across DP ranks by tokens itself (and so keeps
+the loss exactly seq-mean-token-mean over the whole mini-batch). After the update the actor's
+weights are gathered layer by layer into Hugging Face layout and streamed in buckets into every
+leader's engine (``weights.sync``); the engine sleeps while the actor trains.
+
+This module knows every other one, thinly: the algorithm lives in ``algo``, the environment in
+``env``, sampling in ``rollout``, the model and its update in ``actor``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from atpo_megatron.config import Config, ConfigError, dump_config, load_config
+
+log = logging.getLogger("atpo.train")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def load_examples(files: list[str], cfg: Config, split: str) -> list:
+    """QA examples from FlashRAG files, or the generated knowledge-base task for "embedded"."""
+    from atpo_megatron.env.data import generate_task, load_dataset
+
+    examples = []
+    for name in files:
+        if name == "embedded":
+            task = generate_task(cfg.data.embedded_dir, seed=cfg.data.embedded_seed)
+            examples += load_dataset(task.train if split == "train" else task.test)
+        else:
+            examples += load_dataset(name)
+    if not examples:
+        raise ConfigError(f"data.{split}_files={files} holds no examples")
+    return examples
+
+
+@dataclass
+class PromptStream:
+    """Deterministic prompt batches: epoch ``e`` is a seeded permutation; resumable from a position."""
+
+    examples: list
+    batch_size: int
+    seed: int
+    shuffle: bool = True
+    position: int = 0
+    """Prompts consumed so far (the data iterator's state in a checkpoint)."""
+
+    def next_batch(self) -> list:
+        batch = [self._at(self.position + i) for i in range(self.batch_size)]
+        self.position += self.batch_size
+        return batch
+
+    def _at(self, index: int):
+        epoch, offset = divmod(index, len(self.examples))
+        order = list(range(len(self.examples)))
+        if self.shuffle:
+            random.Random(self.seed + epoch).shuffle(order)
+        return self.examples[order[offset]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Builds the actor, the engine and the environment from a ``Config``; ``fit()`` runs the loop."""
+
+    def __init__(self, cfg: Config):
+        from megatron.core import parallel_state
+        from transformers import AutoConfig
+
+        from atpo_megatron import checkpoint
+        from atpo_megatron.actor.model import build_model
+        from atpo_megatron.actor.optimizer import build_optimizer, wrap_ddp
+        from atpo_megatron.actor.parallel import init_distributed
+        from atpo_megatron.hub import resolve_model
+        from atpo_megatron.launch.preemption import PreemptionHandler
+        from atpo_megatron.metrics import MetricsWriter, Profiler, StageTimer
+
+        self.cfg = cfg
+        self.dp_size = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, seed=cfg.train.seed)
+        self.rank = dist.get_rank()
+        self.is_leader = parallel_state.get_model_parallel_group().rank() == 0
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        if cfg.train.batch_prompts % self.dp_size:
+            raise ConfigError(
+                f"train.batch_prompts={cfg.train.batch_prompts} must be divisible by the data-parallel "
+                f"size {self.dp_size} (each DP leader samples an equal share of the prompts)"
+            )
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.ckpt_dir = checkpoint.checkpoint_dir(cfg)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        self.retriever = None
+        self.search_url = self._start_retriever()
+        if self.is_leader:
+            _check_retriever(self.search_url)
+        resume_from = checkpoint.prepare(self.ckpt_dir, cfg.checkpoint.resume) if self._saves() else None
+
+        self.model_dir = resolve_model(cfg.model.name_or_path) if self.rank == 0 else None
+        self.model_dir = Path(_broadcast_object(self.model_dir))
+        self.hf_config = AutoConfig.from_pretrained(self.model_dir)
+        models = build_model(self.hf_config, cfg.model, cfg.parallel)
+        if resume_from is None and cfg.checkpoint.load_hf_init:
+            from atpo_megatron.weights.hf_bridge import load_hf_weights
+
+            load_hf_weights(models, self.model_dir)
+        self.models = wrap_ddp(models, use_distributed_optimizer=cfg.optimizer.distributed_optimizer)
+        self.updates_per_step = cfg.train.batch_prompts // cfg.train.mini_batch_prompts * cfg.train.ppo_epochs
+        self.optimizer, self.scheduler = build_optimizer(
+            self.models, cfg.optimizer, total_steps=cfg.train.steps * self.updates_per_step
+        )
+
+        self.train_data = PromptStream(load_examples(cfg.data.train_files, cfg, "train"),
+                                       cfg.train.batch_prompts, cfg.train.seed, cfg.data.shuffle)
+        self.eval_data = load_examples(cfg.data.eval_files, cfg, "test")
+        if cfg.data.eval_limit:
+            self.eval_data = self.eval_data[: cfg.data.eval_limit]
+        self.start_step = 0
+        self._trained_lengths: list[int] = []
+        if resume_from is not None:
+            resumed = checkpoint.load(resume_from, self.models, self.optimizer, self.scheduler)
+            self.start_step = resumed.step
+            self.train_data.position = resumed.extra["data_position"]
+            log.info("resumed from %s at step %d", resume_from, resumed.step)
+
+        self.engine = self.rollout = self.search = None
+        if self.is_leader:
+            self._build_rollout()
+        self.sync_weights()  # the engine samples from the actor's exact weights from step one
+
+        self.timer = StageTimer()
+        self.writer = MetricsWriter(self.run_dir, rank=self.rank, tensorboard=cfg.logging.tensorboard)
+        self.profiler = Profiler(cfg.profile, self.run_dir / "profile", rank=self.rank)
+        self.preemption = PreemptionHandler()
+
+    # -------------------------------------------------------------- set-up pieces
+    def _saves(self) -> bool:
+        return self.cfg.checkpoint.save_every > 0 or self.cfg.checkpoint.resume == "required"
+
+    def _start_retriever(self) -> str:
+        """The search endpoint: the configured URL, or our BM25 server started on rank 0."""
+        from atpo_megatron.env.retriever import RetrieverServer
+
+        cfg = self.cfg
+        url = cfg.retriever.url
+        if url == "embedded" and self.rank == 0:
+            corpus = cfg.retriever.corpus
+            if not corpus:
+                from atpo_megatron.env.data import generate_task
+
+                corpus = str(generate_task(cfg.data.embedded_dir, seed=cfg.data.embedded_seed).corpus)
+            self.retriever = RetrieverServer(corpus, backend=cfg.retriever.backend, topk=cfg.retriever.topk).start()
+            url = self.retriever.url
+        return _broadcast_object(url)
+
+    def _build_rollout(self) -> None:
+        from atpo_megatron.env.search_tool import SearchClient
+        from atpo_megatron.rollout.engine import make_engine
+        from atpo_megatron.rollout.tree_rollout import TreeRollout
+
+        cfg = self.cfg
+        self.search = SearchClient(self.search_url, topk=cfg.retriever.topk, timeout_s=cfg.retriever.timeout_s,
+                                   retries=cfg.retriever.retries, max_chars=cfg.retriever.max_passage_chars)
+        self.engine = make_engine(cfg.rollout, self.model_dir)
+        self.rollout = TreeRollout.from_config(self.engine, self.search, cfg)
+
+    # -------------------------------------------------------------- the loop
+    def fit(self) -> dict[str, float]:
+        """Run from ``start_step`` to ``train.steps``; returns the last step's metrics."""
+        from tqdm import tqdm
+
+        from atpo_megatron.metrics import StepLog
+
+        cfg, last = self.cfg, {}
+        step_line = StepLog()
+        bar = tqdm(range(self.start_step, cfg.train.steps), initial=self.start_step, total=cfg.train.steps,
+                   desc="atpo train", disable=self.rank != 0, dynamic_ncols=True)
+        try:
+            for step in bar:
+                self.profiler.step(step)
+                last = self.train_one_step(step)
+                if cfg.logging.eval_every and ((step + 1) % cfg.logging.eval_every == 0 or step + 1 == cfg.train.steps):
+                    with self.timer.stage("eval"):
+                        last.update(self.evaluate())
+                last.update(self.timer.pop())
+                last.update(self._throughput(last.get("timing/update_s", 0.0)))
+                if (step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.train.steps:
+                    self.writer.log(step + 1, last)
+                if self.rank == 0:
+                    bar.set_postfix_str(step_line(last, step=step + 1), refresh=False)
+                    log.info(step_line(last, step=step + 1))
+                stop = self.preemption.should_stop()
+                if self._saves() and (stop or (step + 1) % max(cfg.checkpoint.save_every, 1) == 0
+                                      or step + 1 == cfg.train.steps):
+                    self.save(step + 1)
+                if stop:
+                    log.warning("preemption signal received: checkpoint saved at step %d, requeueing", step + 1)
+                    self.preemption.requeue()
+                    break
+        finally:
+            bar.close()
+            self.close()
+        return last
+
+    def train_one_step(self, step: int) -> dict[str, float]:
+        """One AT²PO step; returns its metrics (identical on every rank)."""
+        from atpo_megatron.actor.train_step import compute_logprobs, train_step
+
+        cfg = self.cfg
+        metrics: dict[str, float] = {}
+        prompts = self.train_data.next_batch()
+        share = cfg.train.batch_prompts // self.dp_size
+        with self.timer.stage("rollout"):
+            local = None
+            if self.is_leader:
+                self.engine.wake()
+                mine = prompts[self.dp_rank * share:(self.dp_rank + 1) * share]
+                local = self.rollout.rollout(mine, seed=cfg.train.seed * 100_003 + step * 1009 + self.dp_rank)
+                self.engine.sleep()
+            sequences, stats = _gather_rollouts(local, self.dp_rank, share)
+        metrics.update(stats)
+        if self.rank == 0 and cfg.logging.save_tree_pictures and local is not None:
+            self._save_trees(step, local)
+
+        with self.timer.stage("old_logprobs"):
+            old = compute_logprobs(self.models, sequences, max_tokens=cfg.train.micro_batch_tokens * 2,
+                                   temperature=cfg.rollout.sampling.temperature,
+                                   vocab_size=self.hf_config.vocab_size)
+            metrics.update(_mismatch(sequences, old))
+            for seq, lp in zip(sequences, old):
+                seq.old_logprobs = lp.tolist()
+
+        with self.timer.stage("update"):
+            update = self._update(sequences, train_step)
+        metrics.update(update)
+
+        with self.timer.stage("weight_sync"):
+            metrics.update(self.sync_weights())
+        self._trained_lengths = [len(s.prompt_ids) + len(s.response_ids) for s in sequences]
+        return metrics
+
+    def _update(self, sequences: list, train_step) -> dict[str, float]:
+        """PPO mini-batches of ``mini_batch_prompts`` prompts each, ``ppo_epochs`` passes; mean metrics."""
+        cfg = self.cfg
+        by_prompt: dict[int, list] = {}
+        for seq in sequences:
+            by_prompt.setdefault(seq.tree_index, []).append(seq)
+        prompt_ids = sorted(by_prompt)
+        sums: dict[str, float] = {}
+        n = 0
+        for _ in range(cfg.train.ppo_epochs):
+            for start in range(0, len(prompt_ids), cfg.train.mini_batch_prompts):
+                mini = [s for p in prompt_ids[start:start + cfg.train.mini_batch_prompts] for s in by_prompt[p]]
+                out = train_step(self.models, self.optimizer, mini, cfg.loss.name, cfg.loss.clip_kwargs(),
+                                 max_tokens=cfg.train.micro_batch_tokens,
+                                 temperature=cfg.rollout.sampling.temperature,
+                                 vocab_size=self.hf_config.vocab_size)
+                self.scheduler.step(1)
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n += 1
+        result = {k: v / n for k, v in sums.items()}
+        result["actor/loss"] = result.get("actor/pg_loss", float("nan"))
+        result["actor/lr"] = self.optimizer.param_groups[0]["lr"]
+        result["actor/updates"] = float(n)
+        return result
+
+    def sync_weights(self) -> dict[str, float]:
+        """Stream the actor's weights into every leader's engine (a collective over all ranks)."""
+        from atpo_megatron.weights.hf_bridge import export_hf_weights
+        from atpo_megatron.weights.sync import sync_weights
+
+        if self.engine is not None:
+            self.engine.wake()
+        stats = sync_weights(export_hf_weights(self.models), self.engine,
+                             self.cfg.rollout.sync_bucket_mb << 20)
+        return stats.metrics()
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy evaluation on the eval set, split across DP leaders; EM per source and micro-average."""
+        from atpo_megatron.evaluate import evaluate, summarize_records
+
+        records = []
+        if self.is_leader:
+            self.engine.wake()
+            mine = self.eval_data[self.dp_rank::self.dp_size]
+            records = evaluate(self.engine, self.search, mine, self.cfg).records if mine else []
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, records if self.is_leader else [])
+        return summarize_records([r for part in gathered for r in part])
+
+    def save(self, step: int) -> None:
+        from atpo_megatron import checkpoint
+
+        with self.timer.stage("checkpoint"):
+            checkpoint.save(self.ckpt_dir, step, self.models, self.optimizer, self.scheduler,
+                            extra={"data_position": self.train_data.position}, config=self.cfg,
+                            keep_last=self.cfg.checkpoint.keep_last)
+
+    def close(self) -> None:
+        self.profiler.close()
+        self.writer.close()
+        if self.search is not None:
+            self.search.close()
+        if self.retriever is not None:
+            self.retriever.stop()
+
+    # -------------------------------------------------------------- helpers
+    def _save_trees(self, step: int, batch) -> None:
+        from atpo_megatron.rollout.visualize import write_trees
+
+        write_trees(batch.trees, self.run_dir / "trees" / f"step_{step:06d}", tokenizer=self.engine.tokenizer)
+
+    def _throughput(self, seconds: float) -> dict[str, float]:
+        """Update-stage tokens/s, model TFLOP/s per device and MFU (0 on CPU)."""
+        from atpo_megatron.metrics import PERF_PREFIX, detect_peak_tflops, effective_seq_len, model_flops_per_token, throughput
+
+        lengths = self._trained_lengths
+        tokens = sum(lengths) * self.cfg.train.ppo_epochs
+        peak = self.cfg.logging.peak_tflops or detect_peak_tflops(self.cfg.model.dtype)
+        flops = model_flops_per_token(self.hf_config, seq_len=effective_seq_len(lengths))
+        perf = throughput(tokens, seconds, flops, dist.get_world_size(), peak) if seconds > 0 else {}
+        return {f"{PERF_PREFIX}/{k}": v for k, v in perf.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Collective helpers (plain data only)
+
+
+def _broadcast_object(obj: Any, src: int = 0) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _gather_rollouts(local, dp_rank: int, share: int) -> tuple[list, dict[str, float]]:
+    """Every leader's sequences on every rank, prompts renumbered globally; stats averaged over leaders."""
+    payload = None
+    if local is not None:
+        for seq in local.sequences:
+            seq.tree_index += dp_rank * share
+        payload = (local.sequences, local.stats)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, payload)
+    parts = [p for p in gathered if p is not None]
+    sequences = [s for seqs, _ in parts for s in seqs]
+    keys = set().union(*(stats.keys() for _, stats in parts))
+    stats = {k: sum(st.get(k, 0.0) for _, st in parts) / len(parts) for k in keys}
+    return sequences, stats
+
+
+def _mismatch(sequences: list, actor_logprobs: list) -> dict[str, float]:
+    """Train–inference log-prob mismatch over loss tokens (engine sampler vs actor recomputation)."""
+    diffs = []
+    for seq, lp in zip(sequences, actor_logprobs):
+        mask = torch.tensor(seq.loss_mask, dtype=torch.bool)
+        if mask.any():
+            diffs.append((lp.float() - torch.tensor(seq.old_logprobs, dtype=torch.float32))[mask].abs())
+    if not diffs:
+        return {}
+    d = torch.cat(diffs)
+    return {"rollout/logprob_diff_mean": d.mean().item(), "rollout/logprob_diff_max": d.max().item()}
+
+
+def _check_retriever(url: str) -> None:
+    """Fail fast (one try, short timeout), before any model work, when the search endpoint is down."""
+    from atpo_megatron.env.search_tool import SearchClient
+
+    with SearchClient(url, retries=0, timeout_s=10.0) as probe:
+        result = probe.search_batch(["health check"])[0]
+    if not result.ok:
+        raise RuntimeError(
+            f"the retriever at {url} does not answer ({result.error}); start it with "
+            f"`atpo retriever serve --corpus CORPUS --port PORT` or set retriever.url=embedded"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config (see examples/)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    parser.add_argument("--nproc-per-node", type=int, default=0,
+                        help="launch this many ranks with torchrun (default: run in this process, or "
+                             "as the rank torchrun/srun started)")
+
+
+def train_main(args: argparse.Namespace) -> int:
+    """Entry of ``atpo train``: relaunch under torchrun if asked, else train as this rank."""
+    cfg = load_config(args.config, args.overrides)  # fail fast on a bad config, before any launch
+    if args.nproc_per_node and "RANK" not in os.environ:
+        import subprocess
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={args.nproc_per_node}", "-m", "atpo_megatron.cli", "train",
+               args.config, *args.overrides]
+        return subprocess.call(cmd)
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    trainer = Trainer(cfg)
+    trainer.fit()
+    from atpo_megatron.actor.parallel import destroy_distributed
+
+    destroy_distributed()
+    return 0
