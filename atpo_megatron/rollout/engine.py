@@ -12,8 +12,10 @@ Usage from a script::
     from atpo_megatron.hub import resolve_model
     from atpo_megatron.rollout import SamplingParams, make_engine
     engine = make_engine(RolloutConfig(), resolve_model("smollm2"))
-    ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    msgs = [{"role": "user", "content": "Hi"}]
+    ids = engine.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
     [c] = engine.generate([ids], SamplingParams(temperature=0, max_tokens=32))
+    print(engine.tokenizer.decode(c.token_ids), c.finish_reason, c.entropy)
 
 Log-prob convention (both engines, every temperature): ``Completion.logprobs[t]`` is the log-prob of
 the sampled token ``token_ids[t]`` under the model's *raw* distribution, ``log_softmax(logits)[tok]``,
