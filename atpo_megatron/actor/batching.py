@@ -51,6 +51,7 @@ class MicroBatch:
 
     @property
     def num_rows(self) -> int:
+        """Rows of the tensors: ``len(indices)``, or 1 for an empty filler micro-batch."""
         return self.tokens.shape[0]
 
     @property
@@ -163,8 +164,7 @@ def build_micro_batch(sequences: Sequence, indices: Sequence[int], *, pad_id: in
     for i, seq in zip(indices, rows):
         _check_sequence(i, seq)
     lengths = [input_length(s) for s in rows]
-    b, s = max(len(rows), 1), max(lengths, default=1)
-    s = max(s, 1)
+    b, s = max(len(rows), 1), max(max(lengths, default=1), 1)
     tokens = torch.full((b, s), pad_id, dtype=torch.long)
     targets = torch.full((b, s), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((b, s), dtype=torch.float32)
