@@ -187,7 +187,9 @@ class _CpuTorch(types.ModuleType):
         return wrapper
 
     def __getattr__(self, name: str):
-        return getattr(torch, name)
+        value = getattr(torch, name)
+        setattr(self, name, value)  # cache: proxied modules call torch.* in hot loops
+        return value
 
 
 # ------------------------------------------------------------------------------- 3. tensor methods

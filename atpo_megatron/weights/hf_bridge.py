@@ -264,7 +264,7 @@ def export_hf_weights(models: list[torch.nn.Module]) -> Iterator[tuple[str, torc
     local = dict(named_global_parameters(models))
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     pp_rank, pp = parallel_state.get_pipeline_model_parallel_rank(), dist.get_world_size(pp_group)
-    owners = _owners(local, pp_group, pp_rank)
+    owners = _owners(local, layout, pp_group, pp_rank)
     device = next(iter(local.values())).device
     for name in sorted(owners, key=_export_order):
         if layout.tied and name == "output_layer.weight":
@@ -285,9 +285,9 @@ def _layout(models: list[torch.nn.Module]) -> Layout:
     return Layout.from_hf(unwrap(models[0]).hf_config, parallel_state.get_tensor_model_parallel_world_size())
 
 
-def _owners(local: dict[str, torch.nn.Parameter], pp_group, pp_rank: int) -> dict[str, tuple]:
+def _owners(local: dict[str, torch.nn.Parameter], layout: Layout, pp_group, pp_rank: int) -> dict[str, tuple]:
     """name -> (owning pipeline rank, TP-split?, local shape, dtype), agreed by the pipeline group."""
-    mine = [(name, pp_rank, bool(getattr(p, "tensor_model_parallel", False)), tuple(p.shape), p.dtype)
+    mine = [(name, pp_rank, hf_names_of(name, layout)[1] != "replicated", tuple(p.shape), p.dtype)
             for name, p in local.items()]
     stages: list = [None] * dist.get_world_size(pp_group)
     dist.all_gather_object(stages, mine, group=pp_group)

@@ -93,12 +93,13 @@ def _build_and_load(hf_dir, tp, pp, vpp, **model):
     return models
 
 
-def _parity(hf_dir, tp, pp, vpp, **model):
+def _parity(hf_dir, tp, pp, vpp, ref_path=None, **model):
     """max |megatron - transformers| over real vocab columns, max |padded columns|, and the
-    RoPE frequency difference; Nones off the last stage."""
+    RoPE frequency difference; Nones off the last stage. The reference (tokens, logits, inv_freq)
+    is ``ref_path`` or <hf_dir>/ref.pt."""
     from atpo_megatron.actor.model import unwrap
 
-    ref = torch.load(f"{hf_dir}/ref.pt")
+    ref = torch.load(ref_path or f"{hf_dir}/ref.pt")
     models = _build_and_load(hf_dir, tp, pp, vpp, **model)
     logits = forward_logits(models, ref["tokens"])
     inv_freq = unwrap(models[0]).rotary_pos_emb.inv_freq
@@ -106,7 +107,7 @@ def _parity(hf_dir, tp, pp, vpp, **model):
     if logits is not None:
         vocab = ref["logits"].shape[-1]
         result["max_diff"] = (logits[..., :vocab] - ref["logits"]).abs().max().item()
-        result["padded"] = logits[..., vocab:].abs().max().item()
+        result["padded"] = logits[..., vocab:].abs().sum().item()  # 0 iff every padded logit is 0
         result["padded_columns"] = logits.shape[-1] - vocab
     return result, models, logits
 
@@ -123,9 +124,12 @@ def _round_trip(hf_dir, models):
             "unequal": sorted(n for n in original.keys() & exported.keys() if not torch.equal(original[n], exported[n]))}
 
 
-def layouts_worker(cases, layouts):
-    """For each (tp, pp, vpp, extras): parity for every case; extras: 'unfused' (SDPA vs unfused
-    logits), 'bf16', 'roundtrip' (+ save_hf_checkpoint into <hf_dir>/saved)."""
+def layouts_worker(cases, layouts, refs=None):
+    """For each (tp, pp, vpp, extras): parity for every case (arch -> HF dir; reference files
+    ``refs[arch]`` or <hf_dir>/ref.pt), under the key "<arch>@<layout>"; extras per case:
+    'unfused' (SDPA vs unfused logits), 'bf16', 'recompute' (TP=PP=1: gradients with full and
+    selective recompute vs none), 'roundtrip' (+ save_hf_checkpoint into <hf_dir>/saved); once per
+    layout: 'sdpa_module' (under the key "sdpa_module")."""
     from megatron.core import parallel_state as ps
 
     from atpo_megatron.actor.parallel import destroy_distributed, init_distributed
@@ -136,20 +140,57 @@ def layouts_worker(cases, layouts):
         init_distributed(tp, pp, vpp, seed=0)
         for arch, hf_dir in cases.items():
             key = f"{arch}@tp{tp}pp{pp}vpp{vpp}"
-            results[key], models, logits = _parity(hf_dir, tp, pp, vpp)
+            results[key], models, logits = _parity(hf_dir, tp, pp, vpp, (refs or {}).get(arch))
             if "unfused" in extras:
                 _, _, unfused = _parity(hf_dir, tp, pp, vpp, attention="unfused")
                 results[key]["sdpa_vs_unfused"] = None if logits is None else (logits - unfused).abs().max().item()
             if "bf16" in extras:
                 results[key]["bf16"] = _parity(hf_dir, tp, pp, vpp, dtype="bfloat16")[0]
                 results[key]["bf16"]["round_trip"] = _round_trip_bf16(hf_dir, tp, pp, vpp)
+            if "recompute" in extras:
+                results[key]["recompute_grad_diff"] = {g: _recompute_grad_diff(hf_dir, g) for g in ("full", "selective")}
             if "roundtrip" in extras:
                 results[key]["round_trip"] = _round_trip(hf_dir, models)
                 save_hf_checkpoint(models, f"{hf_dir}/saved", models_hf_config(models), tokenizer_dir=None,
                                    max_shard_bytes=100_000)
+        if "sdpa_module" in extras:
+            results["sdpa_module"] = _sdpa_module_checks()
         ps.destroy_model_parallel()
     destroy_distributed()
     return results
+
+
+def _grads(hf_dir, **model):
+    """Parameter gradients of mean log-sum-exp of the logits (TP = PP = 1, training mode)."""
+    models = _build_and_load(hf_dir, 1, 1, 1, **model)
+    tokens = torch.load(f"{hf_dir}/ref.pt")["tokens"]
+    logits = models[0].train()(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
+    logits.float().logsumexp(-1).mean().backward()
+    return {name: p.grad for name, p in models[0].named_parameters()}
+
+
+def _recompute_grad_diff(hf_dir, granularity):
+    base, recomputed = _grads(hf_dir), _grads(hf_dir, recompute=granularity)
+    return max((base[n] - recomputed[n]).abs().max().item() for n in base)
+
+
+def _sdpa_module_checks():
+    """SDPAttention alone: explicit causal mask == is_causal; dropout only in training; shapes."""
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from atpo_megatron.actor.attention import SDPAttention
+
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                               attention_dropout=0.5, use_cpu_initialization=True)
+    attention = SDPAttention(config, 1, AttnMaskType.causal, "self")
+    q, k, v = torch.randn(6, 2, 4, 8), torch.randn(6, 2, 2, 8), torch.randn(6, 2, 2, 8)  # [s, b, heads, d]
+    causal = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1).expand(2, 1, 6, 6)  # True = masked
+    attention.eval()
+    plain, masked = attention(q, k, v, None), attention(q, k, v, causal)
+    dropped = attention.train()(q, k, v, None)
+    return {"shape": list(plain.shape), "mask_vs_causal": (plain - masked).abs().max().item(),
+            "train_vs_eval": (plain - dropped).abs().max().item()}
 
 
 def _round_trip_bf16(hf_dir, tp, pp, vpp):
@@ -174,7 +215,7 @@ def models_hf_config(models):
 def _check_parity(ranks):
     """Every rank's RoPE frequencies equal HF's; every (case, layout) has last-stage logits within
     1e-4 of transformers, and its padded vocabulary columns are exactly 0."""
-    for key in ranks[0]:
+    for key in (k for k in ranks[0] if "@" in k):
         assert all(rank[key]["inv_freq_diff"] == 0.0 for rank in ranks), key  # incl. Llama-3 scaling
         last_stage = [rank[key] for rank in ranks if rank[key]["max_diff"] is not None]
         assert last_stage, f"{key}: no rank reported logits"
@@ -182,13 +223,16 @@ def _check_parity(ranks):
             assert r["max_diff"] <= 1e-4 and r["padded"] == 0.0 and r["padded_columns"] == 12, (key, r)
 
 
-def test_tp1_parity_sdpa_vs_unfused_and_bf16(tiny):
+def test_tp1_parity_sdpa_vs_unfused_bf16_recompute(tiny):
     [results] = run_dist(__file__, "layouts_worker", nproc=1,
-                         kwargs={"cases": tiny, "layouts": [(1, 1, 1, ["unfused", "bf16"])]})
+                         kwargs={"cases": tiny, "layouts": [(1, 1, 1, ["unfused", "bf16", "recompute", "sdpa_module"])]})
     print(json.dumps(results, indent=1))
     _check_parity([results])
+    module = results.pop("sdpa_module")
+    assert module["shape"] == [6, 2, 32] and module["mask_vs_causal"] <= 1e-6 and module["train_vs_eval"] > 0.1
     for r in results.values():
         assert r["sdpa_vs_unfused"] <= 1e-5
+        assert r["recompute_grad_diff"] == {"full": 0.0, "selective": 0.0}
         assert r["bf16"]["max_diff"] <= 0.1  # bf16 weights and activations vs the fp32 reference
         assert r["bf16"]["round_trip"]
 
