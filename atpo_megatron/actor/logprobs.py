@@ -159,7 +159,7 @@ def vocab_parallel_logprobs_entropy(
     vocab_size = padded if vocab_size is None else vocab_size
     if not 0 < vocab_size <= padded:
         raise ValueError(f"vocab_size={vocab_size} must be in (0, {padded}] (= V/tp * tp of these logits)")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab_size):
+    if bool(((targets < 0) | (targets >= vocab_size)).any()):  # one host sync per call
         raise ValueError(
             f"targets must be token ids in [0, {vocab_size}); got min {int(targets.min())}, "
             f"max {int(targets.max())}: check the tokenizer / pad id against the model's vocabulary"

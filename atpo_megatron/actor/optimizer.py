@@ -53,7 +53,10 @@ def wrap_ddp(
     ``use_distributed_optimizer`` must match ``build_optimizer``'s (the DDP buffers are laid out for
     it). ``overlap_grad_reduce`` starts each bucket's reduce-scatter/all-reduce during the last
     micro-batch's backward; ``overlap_param_gather`` (distributed optimizer only) overlaps the
-    parameter all-gather with the next forward. Both change timing only, never the result.
+    parameter all-gather with the next forward. Both change timing only, never the result. With
+    ``overlap_param_gather`` the model's parameters are stale after ``optimizer.step()`` until the
+    next forward gathers them: before reading weights outside a forward (weight export to the rollout
+    engine, checkpoints), call ``m.start_param_sync(force_sync=True)`` on every chunk.
     """
     if overlap_param_gather and not use_distributed_optimizer:
         raise ValueError("overlap_param_gather needs use_distributed_optimizer=True (it overlaps its all-gather)")

@@ -91,7 +91,8 @@ def _init_by_name(models):
             p.copy_(1.0 + 0.1 * noise if "norm" in name else 0.1 * noise)
 
 
-def _build(layers=2, tp=1, pp=1, vpp=1, tie=True, dtype="float32", distopt=False, lr=1e-3, clip=0.0, name_init=False):
+def _build(layers=2, tp=1, pp=1, vpp=1, tie=True, dtype="float32", distopt=False, lr=1e-3, clip=0.0, name_init=False,
+           overlap=False):
     from atpo_megatron.actor.model import build_model
     from atpo_megatron.actor.optimizer import build_optimizer, wrap_ddp
     from atpo_megatron.actor.parallel import init_distributed
@@ -102,7 +103,7 @@ def _build(layers=2, tp=1, pp=1, vpp=1, tie=True, dtype="float32", distopt=False
                          ParallelConfig(tp=tp, pp=pp, vpp=vpp))
     if name_init:
         _init_by_name(models)
-    models = wrap_ddp(models, use_distributed_optimizer=distopt)
+    models = wrap_ddp(models, use_distributed_optimizer=distopt, overlap_grad_reduce=overlap, bucket_size=2000 if overlap else None)
     cfg = OptimizerConfig(lr=lr, min_lr=lr, weight_decay=0.0, clip_grad=clip, distributed_optimizer=distopt)
     optimizer, scheduler = build_optimizer(models, cfg, total_steps=10)
     return models, optimizer, scheduler
@@ -180,6 +181,15 @@ def exactness_worker():
                                            "clipfrac": metrics["actor/pg_clipfrac"]}
     ps.destroy_model_parallel()
 
+    # DP=2 with the gradient all-reduce overlapped with the backward, in several small buckets
+    models, optimizer, _ = _build(layers=2, lr=1e-7, overlap=True)
+    ref_loss, ref = _reference_grads(models, seqs, "atpo", clips["atpo"])
+    metrics = train_step(models, optimizer, seqs, "atpo", clips["atpo"], max_tokens=24, vocab_size=100)
+    rel, scale = _compare(ref, models)
+    out["dp2_overlap_atpo_24"] = {"rel": rel, "scale": scale, "loss": metrics["actor/pg_loss"], "ref_loss": ref_loss,
+                                  "mbs": metrics["actor/micro_batches"], "buckets": len(models[0].bucket_groups)}
+    ps.destroy_model_parallel()
+
     # TP=2 (DP=1)
     models, optimizer, _ = _build(layers=2, tp=2, lr=1e-7)
     for budget in (64, 16):
@@ -213,6 +223,7 @@ def test_gradient_is_exact_for_any_split():
     # the budgets really produced 1, 2 and 3+ micro-batches, and the interleaved runs a multiple of PP
     mbs = {k: results[0][k]["mbs"] for k in results[0]}
     assert (mbs["dp2_atpo_200"], mbs["dp2_atpo_40"]) == (1, 2) and mbs["dp2_atpo_12"] >= 3, mbs
+    assert results[0]["dp2_overlap_atpo_24"]["buckets"] > 1 and mbs["dp2_overlap_atpo_24"] >= 2
     assert mbs["tp2_atpo_16"] >= 3 and mbs["pp2vpp2_atpo_12"] % 2 == 0 and mbs["pp2vpp2_atpo_12"] >= 4, mbs
     # some turns are clipped, some are not: the clip branch is exercised
     assert 0.0 < results[0]["dp2_atpo_200"]["clipfrac"] < 1.0
