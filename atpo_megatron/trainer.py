@@ -38,22 +38,6 @@ log = logging.getLogger("atpo.train")
 # Data
 
 
-def load_examples(files: list[str], cfg: Config, split: str) -> list:
-    """QA examples from FlashRAG files, or the generated knowledge-base task for "embedded"."""
-    from atpo_megatron.env.data import generate_task, load_dataset
-
-    examples = []
-    for name in files:
-        if name == "embedded":
-            task = generate_task(cfg.data.embedded_dir, seed=cfg.data.embedded_seed)
-            examples += load_dataset(task.train if split == "train" else task.test)
-        else:
-            examples += load_dataset(name)
-    if not examples:
-        raise ConfigError(f"data.{split}_files={files} holds no examples")
-    return examples
-
-
 @dataclass
 class PromptStream:
     """Deterministic prompt batches: epoch ``e`` is a seeded permutation; resumable from a position."""
@@ -92,7 +76,7 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         from megatron.core import parallel_state
-        from transformers import AutoConfig
+        from transformers import AutoConfig, AutoTokenizer
 
         from atpo_megatron import checkpoint
         from atpo_megatron.actor.model import build_model
@@ -101,6 +85,8 @@ class Trainer:
         from atpo_megatron.hub import resolve_model
         from atpo_megatron.launch.preemption import PreemptionHandler
         from atpo_megatron.metrics import MetricsWriter, Profiler, StageTimer
+        from atpo_megatron.rollout.agent_loop import split_overlong
+        from atpo_megatron.rollout.tree_rollout import load_examples
 
         self.cfg = cfg
         self.dp_size = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, seed=cfg.train.seed)
@@ -137,15 +123,17 @@ class Trainer:
             self.models, cfg.optimizer, total_steps=cfg.train.steps * self.updates_per_step
         )
 
-        self.train_data = PromptStream(load_examples(cfg.data.train_files, cfg, "train"),
-                                       cfg.train.batch_prompts, cfg.train.seed, cfg.data.shuffle)
-        self.eval_data = load_examples(cfg.data.eval_files, cfg, "test")
-        if cfg.data.eval_limit:
-            self.eval_data = self.eval_data[: cfg.data.eval_limit]
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        train, dropped = split_overlong(load_examples(cfg, cfg.data.train_files, "train"), tokenizer,
+                                        cfg.rollout.max_prompt_tokens)
+        if dropped:
+            log.warning("%d training prompts are longer than rollout.max_prompt_tokens and were dropped", len(dropped))
+        self.train_data = PromptStream(train, cfg.train.batch_prompts, cfg.train.seed, cfg.data.shuffle)
+        self.eval_data = load_examples(cfg, cfg.data.eval_files, "test", cfg.data.eval_limit)
         self.start_step = 0
         self._trained_lengths: list[int] = []
         if resume_from is not None:
-            resumed = checkpoint.load(resume_from, self.models, self.optimizer, self.scheduler)
+            resumed = checkpoint.load(self.ckpt_dir, self.models, self.optimizer, self.scheduler, path=resume_from)
             self.start_step = resumed.step
             self.train_data.position = resumed.extra["data_position"]
             log.info("resumed from %s at step %d", resume_from, resumed.step)
@@ -171,12 +159,11 @@ class Trainer:
         cfg = self.cfg
         url = cfg.retriever.url
         if url == "embedded" and self.rank == 0:
-            corpus = cfg.retriever.corpus
-            if not corpus:
-                from atpo_megatron.env.data import generate_task
+            from atpo_megatron.rollout.tree_rollout import embedded_task
 
-                corpus = str(generate_task(cfg.data.embedded_dir, seed=cfg.data.embedded_seed).corpus)
-            self.retriever = RetrieverServer(corpus, backend=cfg.retriever.backend, topk=cfg.retriever.topk).start()
+            corpus = cfg.retriever.corpus or str(embedded_task(cfg).corpus)
+            self.retriever = RetrieverServer(corpus, backend=cfg.retriever.backend, topk=cfg.retriever.topk)
+            self.retriever.start()
             url = self.retriever.url
         return _broadcast_object(url)
 
@@ -305,16 +292,22 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Greedy evaluation on the eval set, split across DP leaders; EM per source and micro-average."""
-        from atpo_megatron.evaluate import evaluate, summarize_records
+        from atpo_megatron.evaluate import evaluate, summarize
 
-        records = []
+        samples = []
         if self.is_leader:
             self.engine.wake()
             mine = self.eval_data[self.dp_rank::self.dp_size]
-            records = evaluate(self.engine, self.search, mine, self.cfg).records if mine else []
+            if mine:
+                samples = evaluate(self.engine, self.search, mine, self.cfg, progress=False)["samples"]
+            self.engine.sleep()
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, records if self.is_leader else [])
-        return summarize_records([r for part in gathered for r in part])
+        dist.all_gather_object(gathered, samples)
+        report = summarize([s for part in gathered for s in part])
+        out = {"eval/em_avg": report["avg"]["em"], "eval/f1_avg": report["avg"]["f1"],
+               "eval/turns_avg": report["avg"]["turns"], "eval/tool_calls_avg": report["avg"]["tool_calls"]}
+        out.update({f"eval/em_{src}": r["em"] for src, r in report["per_source"].items()})
+        return out
 
     def save(self, step: int) -> None:
         from atpo_megatron import checkpoint
@@ -322,7 +315,7 @@ class Trainer:
         with self.timer.stage("checkpoint"):
             checkpoint.save(self.ckpt_dir, step, self.models, self.optimizer, self.scheduler,
                             extra={"data_position": self.train_data.position}, config=self.cfg,
-                            keep_last=self.cfg.checkpoint.keep_last)
+                            keep_last=self.cfg.checkpoint.keep_last, async_save=self.cfg.checkpoint.async_save)
 
     def close(self) -> None:
         self.profiler.close()
@@ -334,9 +327,12 @@ class Trainer:
 
     # -------------------------------------------------------------- helpers
     def _save_trees(self, step: int, batch) -> None:
-        from atpo_megatron.rollout.visualize import write_trees
+        from atpo_megatron.rollout.visualize import write_trees_html, write_trees_json
 
-        write_trees(batch.trees, self.run_dir / "trees" / f"step_{step:06d}", tokenizer=self.engine.tokenizer)
+        out = self.run_dir / "trees"
+        write_trees_json(batch.trees, out / f"step_{step + 1:06d}.json", self.engine.tokenizer, batch.stats)
+        write_trees_html(batch.trees, out / f"step_{step + 1:06d}.html", self.engine.tokenizer, batch.stats,
+                         title=f"AT²PO turn trees, step {step + 1} (rank 0's prompts)")
 
     def _throughput(self, seconds: float) -> dict[str, float]:
         """Update-stage tokens/s, model TFLOP/s per device and MFU (0 on CPU)."""
@@ -426,6 +422,8 @@ def train_main(args: argparse.Namespace) -> int:
         return subprocess.call(cmd)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("megatron", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     trainer = Trainer(cfg)
     trainer.fit()
     from atpo_megatron.actor.parallel import destroy_distributed
