@@ -160,7 +160,7 @@ def exactness_worker():
     from megatron.core import parallel_state as ps
 
     from atpo_megatron.actor.parallel import destroy_distributed
-    from atpo_megatron.actor.train_step import train_step
+    from atpo_megatron.actor.train_step import compute_logprobs, train_step
 
     out = {}
     seqs = _sequences(8)
@@ -169,6 +169,7 @@ def exactness_worker():
     # TP=1, DP=2 with name-initialised weights: also the reference for the PP layouts below.
     # A tiny lr keeps the policy near the old log-probs across the steps (else every turn clips).
     models, optimizer, _ = _build(layers=4, name_init=True, lr=1e-7)
+    ref_logprobs = compute_logprobs(models, seqs, max_tokens=64, vocab_size=100)
     _with_old_logprobs(models, seqs, noise=0.01)
     pp_ref = {name: _reference_grads(models, seqs, name, clips[name]) for name in clips}
     for budget in (200, 40, 12):  # 1, 2 and 3+ (one per sequence) micro-batches per DP rank
@@ -204,11 +205,14 @@ def exactness_worker():
     for pp, vpp, budget, names in ((2, 1, 24, clips), (2, 2, 24, clips), (2, 2, 12, ["atpo"])):
         for name in names:
             models, optimizer, _ = _build(layers=4, pp=pp, vpp=vpp, name_init=True)
+            lps = compute_logprobs(models, seqs, max_tokens=budget, vocab_size=100)  # on every rank
+            lp_diff = max((a - b).abs().max().item() for a, b in zip(lps, ref_logprobs))
             metrics = train_step(models, optimizer, seqs, name, clips[name], max_tokens=budget, vocab_size=100)
             ref_loss, ref = pp_ref[name]
             rel, scale = _compare(ref, models)
             out[f"pp{pp}vpp{vpp}_{name}_{budget}"] = {"rel": rel, "scale": scale, "loss": metrics["actor/pg_loss"],
-                                                      "ref_loss": ref_loss, "mbs": metrics["actor/micro_batches"]}
+                                                      "ref_loss": ref_loss, "mbs": metrics["actor/micro_batches"],
+                                                      "logprob_diff": lp_diff}
             ps.destroy_model_parallel()
     destroy_distributed()
     return out
@@ -220,6 +224,7 @@ def test_gradient_is_exact_for_any_split():
         for key, r in res.items():
             assert r["rel"] <= RTOL and r["scale"] > 1e-3, (rank, key, r)
             assert abs(r["loss"] - r["ref_loss"]) <= 1e-6 * max(1.0, abs(r["ref_loss"])), (rank, key, r)
+            assert r.get("logprob_diff", 0.0) <= 1e-5, (rank, key, r)  # PP forward-only pass, gathered everywhere
     # the budgets really produced 1, 2 and 3+ micro-batches, and the interleaved runs a multiple of PP
     mbs = {k: results[0][k]["mbs"] for k in results[0]}
     assert (mbs["dp2_atpo_200"], mbs["dp2_atpo_40"]) == (1, 2) and mbs["dp2_atpo_12"] >= 3, mbs
