@@ -99,10 +99,10 @@ def _local_micro_batches(
 ) -> tuple[list[int], list[MicroBatch]]:
     dp_size, dp_rank = _dp()
     local = dp_shares(sequences, dp_size)[dp_rank] if shard else list(range(len(sequences)))
-    groups = pack_micro_batches(
-        [input_length(sequences[i]) for i in local], max_tokens, order=order, multiple_of=_pipeline_multiple(models)
-    )
-    groups = [[local[j] for j in g] for g in groups] or [[]]  # an idle DP rank still runs one (empty) micro-batch
+    multiple = _pipeline_multiple(models)
+    groups = pack_micro_batches([input_length(sequences[i]) for i in local], max_tokens, order=order, multiple_of=multiple)
+    # an idle DP rank (fewer sequences than ranks) still runs empty micro-batches through its pipeline
+    groups = [[local[j] for j in g] for g in groups] or [[] for _ in range(multiple)]
     device = _device()
     mbs = [build_micro_batch(sequences, g, pad_id=pad_id).to(device) for g in groups]
     return local, mbs

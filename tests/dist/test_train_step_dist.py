@@ -180,6 +180,13 @@ def exactness_worker():
             out[f"dp2_{name}_{budget}"] = {"rel": rel, "scale": scale, "loss": metrics["actor/pg_loss"],
                                            "ref_loss": ref_loss, "mbs": metrics["actor/micro_batches"],
                                            "clipfrac": metrics["actor/pg_clipfrac"]}
+    # a mini-batch of one sequence: DP rank 1 has nothing and runs an empty micro-batch
+    wide = {"clip_low": 0.2, "clip_high": 0.2}
+    ref_loss, ref = _reference_grads(models, seqs[:1], "atpo", wide)
+    metrics = train_step(models, optimizer, seqs[:1], "atpo", wide, max_tokens=64, vocab_size=100)
+    rel, scale = _compare(ref, models)
+    out["dp2_one_sequence"] = {"rel": rel, "scale": scale, "loss": metrics["actor/pg_loss"], "ref_loss": ref_loss,
+                               "mbs": metrics["actor/micro_batches"]}
     ps.destroy_model_parallel()
 
     # DP=2 with the gradient all-reduce overlapped with the backward, in several small buckets
