@@ -33,6 +33,11 @@ class ModelConfig:
     """Core attention of the local spec: torch SDPA (flash/mem-efficient kernels) or megatron's own."""
     fp8: Literal["none", "hybrid", "e4m3"] = "none"
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    fp8_backend: Literal["te", "torch"] = "te"
+    """FP8 linear layers: Transformer Engine's (fp8_recipe), or ours over torch._scaled_mm
+    (``actor/fp8.py``, local spec, no TE needed; fp8_scaling)."""
+    fp8_scaling: Literal["tensorwise", "rowwise"] = "tensorwise"
+    """torch backend: one scale per tensor, or one per row/column of each GEMM operand."""
     recompute: Literal["none", "full", "selective"] = "none"
     """Activation recomputation granularity."""
 
