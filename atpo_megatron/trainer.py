@@ -18,6 +18,7 @@ This module knows every other one, thinly: the algorithm lives in ``algo``, the 
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import random
@@ -164,6 +165,7 @@ class Trainer:
             corpus = cfg.retriever.corpus or str(embedded_task(cfg).corpus)
             self.retriever = RetrieverServer(corpus, backend=cfg.retriever.backend, topk=cfg.retriever.topk)
             self.retriever.start()
+            atexit.register(self.retriever.stop)  # also when set-up fails before fit()'s cleanup
             url = self.retriever.url
         return _broadcast_object(url)
 
@@ -392,8 +394,8 @@ def _check_retriever(url: str) -> None:
     with SearchClient(url, retries=0, timeout_s=10.0) as probe:
         result = probe.search_batch(["health check"])[0]
     if not result.ok:
-        raise RuntimeError(
-            f"the retriever at {url} does not answer ({result.error}); start it with "
+        raise ConfigError(
+            f"retriever.url: the retriever at {url} does not answer ({result.error}); start it with "
             f"`atpo retriever serve --corpus CORPUS --port PORT` or set retriever.url=embedded"
         )
 
