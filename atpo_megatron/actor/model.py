@@ -33,6 +33,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from atpo_megatron.actor.attention import SDPAttention
+from atpo_megatron.actor.fp8 import Fp8Recipe, fp8_layer_spec
 from atpo_megatron.config import ConfigError, ModelConfig, ParallelConfig
 
 
@@ -107,7 +108,7 @@ def transformer_config_from_hf(hf_config, model_cfg: ModelConfig, parallel: Para
         # On CPU every rank draws the full weight from the default generator and keeps its shard,
         # so a seed gives the same model for any TP size; on GPU weights are drawn per shard.
         use_cpu_initialization=not torch.cuda.is_available(),
-        fp8=None if model_cfg.fp8 == "none" else model_cfg.fp8,
+        fp8=None if model_cfg.fp8 == "none" or model_cfg.fp8_backend == "torch" else model_cfg.fp8,
         fp8_recipe=model_cfg.fp8_recipe,
         transformer_impl="transformer_engine" if use_te else "local",
         **_recompute_fields(model_cfg.recompute),
@@ -189,6 +190,11 @@ def transformer_engine_import_error() -> str | None:
 def use_transformer_engine(model_cfg: ModelConfig) -> bool:
     """Resolve ``model.spec`` (auto: TE when it imports) and check that FP8 has TE."""
     error = transformer_engine_import_error()
+    if model_cfg.fp8 != "none" and model_cfg.fp8_backend == "torch":  # actor/fp8.py swaps local layers
+        if model_cfg.spec == "te":
+            raise ConfigError("model.fp8_backend=torch puts FP8 layers into megatron's local spec; set "
+                              "model.spec=local (or auto), or model.fp8_backend=te for Transformer Engine's FP8")
+        return False
     if model_cfg.spec == "te" and error:
         raise ConfigError(f"model.spec=te but Transformer Engine does not import ({error}); install "
                           f"transformer-engine[pytorch] on a CUDA machine, or set model.spec=local")
@@ -196,7 +202,7 @@ def use_transformer_engine(model_cfg: ModelConfig) -> bool:
     if model_cfg.fp8 != "none" and not use_te:
         why = "model.spec=local" if model_cfg.spec == "local" else f"Transformer Engine does not import ({error})"
         raise ConfigError(f"model.fp8={model_cfg.fp8} needs Transformer Engine layers, but {why}; "
-                          f"set model.fp8=none, or model.spec=auto/te on a machine with TE")
+                          f"set model.fp8=none, model.fp8_backend=torch, or model.spec=auto/te on a machine with TE")
     return use_te
 
 
@@ -205,6 +211,8 @@ def layer_spec(model_cfg: ModelConfig, qk_layernorm: bool) -> ModuleSpec:
     if use_transformer_engine(model_cfg):
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    if model_cfg.fp8 != "none":  # use_transformer_engine let it through: the torch FP8 backend
+        spec = fp8_layer_spec(spec, Fp8Recipe.from_model_config(model_cfg))
     if model_cfg.attention == "unfused":
         return spec
     attention = spec.submodules.self_attention
