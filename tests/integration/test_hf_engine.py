@@ -13,7 +13,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def engine():
-    torch.set_num_threads(2)
     return make_engine(RolloutConfig(engine="hf", generation_batch_size=8), resolve_model("smollm2"), device="cpu")
 
 
@@ -42,15 +41,21 @@ def test_greedy_chat_answers_and_exact_logprobs(engine):
         assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-4, rtol=0)
 
 
-def test_sampled_logprobs_match_and_stop_string(engine):
+def test_stop_string_spanning_tokens_and_sampled_logprobs(engine):
+    # the assistant turn is pre-filled with "<search> capital of France"; the model closes the tag
     tok = engine.tokenizer
-    prompt = chat(tok, "Write the word <search> then a city name then </search>.")
-    params = SamplingParams(temperature=1.0, max_tokens=48, seed=0, stop=("</search>",))
-    [c] = engine.generate([prompt], params)
-    ref = teacher_forced(engine.model, prompt, c.token_ids)
-    assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-4, rtol=0)
-    text = tok.decode(c.token_ids)
-    if c.finish_reason == "stop":
-        assert "</search>" in text and "</search>" not in tok.decode(c.token_ids[:-1])
-    else:
-        assert "</search>" not in text
+    q = "To look something up, write <search> your query </search>. Look up the capital of France."
+    prompt = chat(tok, q) + tok.encode("<search> capital of France")
+    [g] = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=32, stop=("</search>",)))
+    assert g.finish_reason == "stop"
+    assert tok.decode(g.token_ids).endswith("</search>")  # " </" + "search" + ">": cut at the ">" token
+    assert "</search>" not in tok.decode(g.token_ids[:-1])
+    outs = engine.generate([prompt] * 4, SamplingParams(temperature=1.0, max_tokens=32, seed=0, stop=("</search>",)))
+    for c in outs:
+        ref = teacher_forced(engine.model, prompt, c.token_ids)
+        assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-4, rtol=0)
+        text = tok.decode(c.token_ids)
+        if c.finish_reason == "stop":
+            assert "</search>" in text and "</search>" not in tok.decode(c.token_ids[:-1])
+        else:
+            assert c.finish_reason in ("eos", "length") and "</search>" not in text
