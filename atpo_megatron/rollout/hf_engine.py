@@ -22,7 +22,6 @@ Returned log-probs are the raw ``log_softmax(logits)`` of the sampled tokens (se
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Iterable
@@ -30,8 +29,6 @@ from typing import Iterable
 import torch
 
 from atpo_megatron.rollout.engine import Completion, SamplingParams
-
-log = logging.getLogger(__name__)
 
 
 class HFEngine:
@@ -155,7 +152,9 @@ class HFEngine:
 
     def _forward(self, ids, mask, pos, cache) -> torch.Tensor:
         """Logits of the last position, [B, V]. One place to wrap (compile, CUDA graphs) later."""
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
+        )
         return out.logits[:, -1]
 
     def _finish_reason(self, tokens: list[int], params: SamplingParams, stop_window: int) -> str | None:

@@ -28,15 +28,12 @@ wakes the rest. Without ``enable_sleep_mode`` sleep/wake do nothing.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
 from atpo_megatron.rollout.engine import Completion, SamplingParams
-
-log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install atpo_megatron[vllm] on a CUDA machine, or set rollout.engine=hf"
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
