@@ -11,10 +11,13 @@
             break
 
 Signals. The sbatch script asks SLURM for ``--signal=B:USR1@<seconds>`` before the time limit. The
-batch shell traps it and forwards USR1 to the job step (torchrun ignores it; the training ranks get
-it), and also touches ``$ATPO_STOP_FILE`` so a rank whose handler was not installed yet still learns
-of it. USR1 means "time is nearly up": save and requeue. SIGTERM (scancel, or SLURM's own
-preemption, which requeues by itself) means "stop": save if there is time, never requeue.
+batch shell traps it and touches ``$ATPO_STOP_FILE`` (shared file system), which every rank checks
+in ``should_stop()``; the signal is not relayed to the ranks, because a job-step signal reaches
+every process of the step and kills helper processes (the checkpoint writer's manager, loader and
+inference workers) whose default USR1 action is to exit. A USR1 or SIGTERM sent to a rank directly
+is handled too. USR1 and the stop file mean "time is nearly up": save and requeue. SIGTERM
+(scancel, or SLURM's own preemption, which requeues by itself) means "stop": save if there is
+time, never requeue.
 
 The handler itself only stores the signal number: Python runs it between bytecodes of the main
 thread, and anything more (logging, I/O, collectives) could deadlock inside a lock the interrupted
@@ -82,7 +85,7 @@ class PreemptionHandler:
         if self.received is not None:
             return _STOP
         if self.stop_file is not None and self.stop_file.exists():
-            return _REQUEUE  # the job script writes it when it receives USR1
+            return _REQUEUE  # the job script touches it when it receives USR1
         return _NONE
 
     def should_stop(self) -> bool:
@@ -102,7 +105,7 @@ class PreemptionHandler:
             self._decision = local
             if _rank() == 0:
                 what = "save and requeue" if local == _REQUEUE else "save and stop"
-                log.warning("preemption: a rank received %s; %s at this step",
+                log.warning("preemption: a rank got %s; %s at this step",
                             _signal_name(self.received) if self.received else "the stop file", what)
         return self._decision != _NONE
 

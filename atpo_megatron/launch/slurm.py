@@ -10,12 +10,16 @@ GPU (or ``--nproc-per-node`` ranks on CPU nodes, which then use gloo). Every ran
 ``atpo train CONFIG [key=value ...]``.
 
 Preemption and time limits: the script asks for ``--signal=B:USR1@<seconds>`` and ``--requeue``.
-The batch shell traps USR1, touches ``$ATPO_STOP_FILE`` and forwards USR1 through srun to the job
-step; torchrun runs with USR1 ignored (its default action would kill it), the ranks' handlers
-(``launch.preemption.PreemptionHandler``) agree to stop after the current step, save a checkpoint
+SLURM sends USR1 to the batch shell only; its trap touches ``$ATPO_STOP_FILE`` (on the shared file
+system, beside the job's log). Every rank checks that file after each step
+(``launch.preemption.PreemptionHandler.should_stop``), the ranks agree to stop, save a checkpoint
 and ``scontrol requeue`` the job, which restarts with ``SLURM_RESTART_COUNT`` + 1 and resumes from
 the checkpoint (``checkpoint.resume=auto``). Choose ``signal_seconds`` larger than one training step
-plus one checkpoint save (70B: minutes).
+plus one checkpoint save (70B: minutes). The signal is deliberately not relayed to the job step:
+SLURM delivers a step signal to every process of the step, and helper processes (the checkpoint
+writer's multiprocessing manager, data-loader and inference workers) die of USR1's default action;
+seen here as ``BrokenPipeError`` in the next ``dist_checkpointing.save``. torchrun itself runs with
+USR1 ignored, so a stray ``scancel --signal=USR1`` (without ``--batch``) cannot kill it.
 
 The config is read again at every (re)start: do not edit the YAML of a queued or running job.
 """
@@ -218,17 +222,11 @@ def render_sbatch(
         ' rendezvous=$MASTER_ADDR:$MASTER_PORT start=$(date +%FT%T)"',
         "",
         "# --- preemption: SLURM sends USR1 to this shell before the time limit (--signal=B:USR1@...).",
-        "# Tell the ranks (stop file + USR1 relayed by srun); they save, then `scontrol requeue` the job.",
-        "SRUN_PID=",
-        "forward_usr1() {",
-        '  echo "[atpo] USR1 at $(date +%T): asking the ranks to save and requeue"',
-        '  touch "$ATPO_STOP_FILE"',
-        '  if [ -n "$SRUN_PID" ]; then kill -USR1 "$SRUN_PID" 2>/dev/null || true; fi',
-        "}",
-        "trap forward_usr1 USR1",
+        "# The ranks look for the stop file after every step; they save, then `scontrol requeue` the job.",
+        "# (Not relayed as a signal: a step signal reaches every process of the step, helpers included.)",
+        "trap 'echo \"[atpo] USR1 at $(date +%T): asking the ranks to save and requeue\"; touch \"$ATPO_STOP_FILE\"' USR1",
         "",
-        "# One torchrun per node; it ignores USR1 (whose default action would kill it), its ranks",
-        "# install their own handler.",
+        "# One torchrun per node, with USR1 ignored (its default action would kill torchrun).",
         'srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \\',
         "  bash -c 'trap \"\" USR1; exec \"$@\"' atpo-node \\",
         '  torchrun --nnodes="$SLURM_JOB_NUM_NODES" ' f"--nproc-per-node={nproc} "

@@ -42,8 +42,11 @@ def test_70b_multinode_script_has_signal_requeue_rdzv_and_counts():
     assert ('torchrun --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node=8 --rdzv-backend=c10d '
             '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID"') in text
     assert "atpo train " + str(EXAMPLE) + " train.steps=500 &" in text
-    assert "srun --kill-on-bad-exit=1" in text and "trap forward_usr1 USR1" in text
-    assert "trap \"\" USR1; exec \"$@\"" in text  # torchrun ignores USR1, the ranks handle it
+    assert "srun --kill-on-bad-exit=1" in text
+    # USR1 to the batch shell -> stop file (never relayed to the step); torchrun ignores USR1.
+    assert """touch \"$ATPO_STOP_FILE\"' USR1""" in text and "kill -USR1" not in text
+    assert 'export ATPO_STOP_FILE="runs/llama3_70b/slurm/stop-$SLURM_JOB_ID"' in text
+    assert "trap \"\" USR1; exec \"$@\"" in text
     for var in ("NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "TORCH_NCCL_ASYNC_ERROR_HANDLING"):
         assert f"export {var}=${{{var}:-" in text
     assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in text
