@@ -30,6 +30,8 @@ COMMANDS: dict[str, Command] = {
                        "sample one batch of turn trees and write them as JSON and an HTML picture"),
     "eval": Command("atpo_megatron.evaluate", "add_eval_arguments", "eval_main",
                     "greedy evaluation: EM per data source and the micro-average (the paper's Avg.)"),
+    "submit": Command("atpo_megatron.launch.slurm", "add_submit_arguments", "submit_main",
+                      "render the sbatch script for a config and submit it to SLURM (--dry-run prints it)"),
     "retriever": Command("atpo_megatron.cli", "add_retriever_command", "retriever_command",
                          "serve a Search-R1-compatible /retrieve endpoint (BM25 or dense) over a corpus"),
     "report": Command("atpo_megatron.report", "add_report_arguments", "report_main",

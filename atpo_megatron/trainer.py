@@ -147,7 +147,9 @@ class Trainer:
         self.timer = StageTimer()
         self.writer = MetricsWriter(self.run_dir, rank=self.rank, tensorboard=cfg.logging.tensorboard)
         self.profiler = Profiler(cfg.profile, self.run_dir / "profile", rank=self.rank)
-        self.preemption = PreemptionHandler()
+        self.preemption = PreemptionHandler().install()
+        if self.preemption.restart_count:
+            log.info("SLURM restart %d: resuming at step %d", self.preemption.restart_count, self.start_step)
 
     # -------------------------------------------------------------- set-up pieces
     def _saves(self) -> bool:
@@ -185,6 +187,7 @@ class Trainer:
         """Run from ``start_step`` to ``train.steps``; returns the last step's metrics."""
         from tqdm import tqdm
 
+        from atpo_megatron import checkpoint
         from atpo_megatron.metrics import StepLog
 
         cfg, last = self.cfg, {}
@@ -205,13 +208,16 @@ class Trainer:
                 if self.rank == 0:
                     bar.set_postfix_str(step_line(last, step=step + 1), refresh=False)
                     log.info(step_line(last, step=step + 1))
+                checkpoint.finalize_async_saves()
                 stop = self.preemption.should_stop()
                 if self._saves() and (stop or (step + 1) % max(cfg.checkpoint.save_every, 1) == 0
                                       or step + 1 == cfg.train.steps):
                     self.save(step + 1)
                 if stop:
-                    log.warning("preemption signal received: checkpoint saved at step %d, requeueing", step + 1)
-                    self.preemption.requeue()
+                    checkpoint.finalize_async_saves(blocking=True)
+                    log.warning("stop requested: checkpoint of step %d committed", step + 1)
+                    if self.preemption.should_requeue:
+                        self.preemption.requeue()
                     break
         finally:
             bar.close()
@@ -320,6 +326,10 @@ class Trainer:
                             keep_last=self.cfg.checkpoint.keep_last, async_save=self.cfg.checkpoint.async_save)
 
     def close(self) -> None:
+        from atpo_megatron import checkpoint
+
+        checkpoint.finalize_async_saves(blocking=True)
+        self.preemption.uninstall()
         self.profiler.close()
         self.writer.close()
         if self.search is not None:
