@@ -313,8 +313,7 @@ def prepare(ckpt_dir: str | Path, resume: str = "auto") -> Path | None:
     ckpt_dir = Path(ckpt_dir)
     error = None
     try:
-        if resume != "never" or _rank() == 0:
-            check_writable(ckpt_dir)
+        check_writable(ckpt_dir)  # every rank: each writes its own shards there
     except CheckpointError as exc:
         error = str(exc)
     if not _all_true(error is None):
@@ -620,6 +619,11 @@ def _commit(ckpt_dir: Path, step: int, record: dict, config_yaml: str | None, ke
         log.info("saved checkpoint %s in %.1f s", target, time.perf_counter() - t0)
     if _dist():
         torch.distributed.barrier()
+
+
+def pending_async_saves() -> list[int]:
+    """Steps whose async save is written or being written but not committed yet."""
+    return list(_pending)
 
 
 def finalize_async_saves(blocking: bool = False) -> list[int]:

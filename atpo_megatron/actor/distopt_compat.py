@@ -38,6 +38,9 @@ import functools
 import torch
 
 _INSTALLED_FLAG = "_atpo_distopt_compat"
+# What install() replaced: fix -> (DistributedOptimizer attribute, the library's function).
+# Tests put one back to show that the fix is still needed with the installed megatron.
+ORIGINALS: dict[str, tuple[str, object]] = {}
 
 
 def needed() -> bool:
@@ -91,6 +94,9 @@ def install() -> bool:
                     st["step"] = torch.tensor(float(group["step"]), dtype=old.dtype, device=old.device)
         return out
 
+    for fix, name in (("E1", "sharded_state_dict"), ("E2", "_set_main_param_and_optimizer_states"),
+                      ("E3", "load_state_dict"), ("E4", "load_parameter_state_from_dp_reshardable")):
+        ORIGINALS[fix] = (name, DO.__dict__[name])
     # E4: in-place copies into views of grad-requiring leaves need no_grad.
     DO.load_parameter_state_from_dp_reshardable = torch.no_grad()(
         DO.load_parameter_state_from_dp_reshardable)

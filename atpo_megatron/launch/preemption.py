@@ -5,9 +5,9 @@
     for step in ...:
         train_one_step()
         if handler.should_stop():                  # collective: every rank gets the same answer
-            checkpoint.save(...); checkpoint.finalize_async_saves(blocking=True)
-            if handler.should_requeue:             # USR1 = "your time is nearly up"
-                handler.requeue()                  # rank 0 runs `scontrol requeue $SLURM_JOB_ID`
+            checkpoint.save(...)
+            if handler.should_requeue:             # USR1 / stop file = "your time is nearly up"
+                handler.requeue()                  # every rank; rank 0 runs `scontrol requeue $SLURM_JOB_ID`
             break
 
 Signals. The sbatch script asks SLURM for ``--signal=B:USR1@<seconds>`` before the time limit. The
@@ -31,6 +31,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from types import FrameType
 
@@ -127,9 +128,14 @@ class PreemptionHandler:
     def requeue(self) -> bool:
         """Rank 0 asks SLURM to requeue this job (it is then killed and queued again).
 
-        Call only after the checkpoint is committed on every rank. Returns True if a requeue was
+        Call it on every rank, after the checkpoint save. It first commits an async checkpoint
+        that is still being written (collective), because the requeue kills the job and an
+        uncommitted checkpoint would be ignored on restart. Returns True if a requeue was
         requested; False outside SLURM (nothing to requeue: the caller just exits).
         """
+        ckpt = sys.modules.get("atpo_megatron.checkpoint")
+        if ckpt is not None and ckpt.pending_async_saves():  # same answer on every rank
+            ckpt.finalize_async_saves(blocking=True)
         if _rank() != 0:
             return self.job_id is not None
         if self.job_id is None:

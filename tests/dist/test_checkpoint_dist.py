@@ -28,7 +28,16 @@ SEQ, GLOBAL_BATCH, VOCAB = 16, 4, 128
 # ----------------------------------------------------------------------------------------------
 
 
-def _build(tp: int, pp: int, seed: int, dropout: float):
+def _build(tp: int, pp: int, seed: int, dropout: float, tied: bool = False):
+    from atpo_megatron.actor import distopt_compat
+    from atpo_megatron.actor.parallel import init_distributed
+
+    init_distributed(tp=tp, pp=pp, seed=seed)  # gloo on CPU, cpu_compat, seeds every generator
+    distopt_compat.install()
+    return _make(tp, pp, dropout, tied)
+
+
+def _make(tp: int, pp: int, dropout: float, tied: bool):
     import torch
     import torch.nn.functional as F
     from megatron.core import parallel_state as ps
@@ -36,16 +45,8 @@ def _build(tp: int, pp: int, seed: int, dropout: float):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    from atpo_megatron.actor import distopt_compat
     from atpo_megatron.actor.optimizer import build_optimizer, wrap_ddp
     from atpo_megatron.config import OptimizerConfig
-    from atpo_megatron.actor.parallel import init_distributed
-
-    init_distributed(tp=tp, pp=pp, seed=seed)  # gloo on CPU, cpu_compat, seeds every generator
-    skip = set(filter(None, os.environ.get("ATPO_TEST_SKIP_FIX", "").split(",")))
-    if skip:
-        _install_distopt_without(skip)
-    distopt_compat.install()
 
     cfg = TransformerConfig(
         num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
@@ -56,7 +57,7 @@ def _build(tp: int, pp: int, seed: int, dropout: float):
     )
     model = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,
                      pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                     position_embedding_type="rope", share_embeddings_and_output_weights=False)
+                     position_embedding_type="rope", share_embeddings_and_output_weights=tied)
     # The trainer's DDP + distributed optimizer + LR schedule (actor/optimizer.py).
     models = wrap_ddp([model], use_distributed_optimizer=True)
     opt, sched = build_optimizer(models, OptimizerConfig(lr=1e-3, min_lr=1e-4, lr_warmup_steps=2,
@@ -65,18 +66,57 @@ def _build(tp: int, pp: int, seed: int, dropout: float):
     return models, opt, sched
 
 
-def _install_distopt_without(skip: set[str]):
-    """Install the fixes except those named (to show what a missing fix does)."""
+def _without_fix(fix: str):
+    """Context manager: the library's own method in place of fix ``fix`` ("E1".."E4")."""
+    import contextlib
+
     from megatron.core.optimizer import distrib_optimizer
 
     from atpo_megatron.actor import distopt_compat
 
-    DO = distrib_optimizer.DistributedOptimizer
-    saved = {name: DO.__dict__[name] for name in ("load_state_dict",)}
-    distopt_compat.install()
-    if "E3" in skip:
-        # Re-install the library's load_state_dict (keeps E1, E2, E4).
-        DO.load_state_dict = saved["load_state_dict"]
+    @contextlib.contextmanager
+    def swap():
+        DO = distrib_optimizer.DistributedOptimizer
+        name, original = distopt_compat.ORIGINALS[fix]
+        patched = DO.__dict__[name]
+        setattr(DO, name, original)
+        try:
+            yield
+        finally:
+            setattr(DO, name, patched)
+
+    return swap()
+
+
+def _enable_async_on_cpu():
+    """megatron's async caller calls torch.cuda.synchronize() when it forks the writer and puts its
+    finalize barrier tensor on torch.cuda.current_device(); point just that module at the CPU so
+    the CUDA-only async path of checkpoint.save runs here."""
+    import types
+
+    import torch
+    from megatron.core.dist_checkpointing.strategies import async_utils
+
+    from atpo_megatron import checkpoint
+
+    class CpuCuda:
+        def synchronize(self, *args, **kwargs):
+            pass
+
+        def current_device(self):
+            return "cpu"
+
+        def __getattr__(self, name):
+            return getattr(torch.cuda, name)
+
+    class TorchOnCpu(types.ModuleType):
+        cuda = CpuCuda()
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    async_utils.torch = TorchOnCpu("torch")
+    checkpoint.async_supported = lambda: True
 
 
 def _train_step(models, opt, sched, step: int) -> float | None:
@@ -123,6 +163,7 @@ def _train_step(models, opt, sched, step: int) -> float | None:
 
 
 def worker(args: list[str]) -> None:
+    import contextlib
     import logging
 
     import torch
@@ -133,14 +174,29 @@ def worker(args: list[str]) -> None:
     torch.set_num_threads(1)
     spec = json.loads(args[0])
     out = Path(spec["out"])
-    models, opt, sched = _build(spec["tp"], spec["pp"], spec.get("seed", 1234), spec["dropout"])
+    models, opt, sched = _build(spec["tp"], spec["pp"], spec.get("seed", 1234), spec["dropout"],
+                                spec.get("tied", False))
+    if spec.get("async"):
+        _enable_async_on_cpu()
     rank = torch.distributed.get_rank()
     result: dict = {"losses": {}}
     ckpt = Path(spec["ckpt"])
 
     step = 0
+    for fix in spec.get("probe_fixes", []):
+        # Load into a fresh model/optimizer with the library's method instead of the fix: it must
+        # fail (E1, E2, E4) -- if it stops failing, megatron fixed the bug and the shim can go.
+        fresh = _make(spec["tp"], spec["pp"], spec["dropout"], spec.get("tied", False))
+        try:
+            with _without_fix(fix):
+                checkpoint.load(ckpt, *fresh)
+            result.setdefault("probes", {})[fix] = "loaded"
+        except Exception as exc:  # noqa: BLE001 - recorded and asserted by the test
+            result.setdefault("probes", {})[fix] = f"{type(exc).__name__}: {exc}"[:200]
     if spec.get("load"):
-        resumed = checkpoint.load(ckpt, models, opt, sched)
+        no_e3 = _without_fix("E3") if spec.get("without_e3") else contextlib.nullcontext()
+        with no_e3:
+            resumed = checkpoint.load(ckpt, models, opt, sched)
         step, extra = resumed
         result.update(resumed_step=step, extra=extra, rng_restored=resumed.rng_restored,
                       lr=sched.get_lr(opt.param_groups[0]))
@@ -164,9 +220,16 @@ def worker(args: list[str]) -> None:
         loss = _train_step(models, opt, sched, step)
         if loss is not None:
             result["losses"][step] = loss
+        committed = checkpoint.finalize_async_saves()  # every step, as the trainer does
+        if committed:
+            result.setdefault("committed", []).append([step, committed])
         if step in spec.get("save_at", []):
             checkpoint.save(ckpt, step, models, opt, sched, extra={"counter": step * 10},
-                            config="tiny: true\n", keep_last=spec.get("keep_last", 0))
+                            config="tiny: true\n", keep_last=spec.get("keep_last", 0),
+                            async_save=spec.get("async", False),
+                            optim_sharding=spec.get("optim_sharding", "fully_reshardable"))
+            result.setdefault("latest_after_save", []).append(checkpoint.read_latest(ckpt))
+    result["committed_at_exit"] = checkpoint.finalize_async_saves(blocking=True)
     (out / f"result_rank{rank}.json").write_text(json.dumps(result))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -262,19 +325,20 @@ def _assert_same_tensors(a: Path, b: Path) -> dict:
 
 
 def test_reshard_tp2_to_tp1pp2_and_dp2(tmp_path):
-    """Save at TP2 (step 3), load at TP1/PP2 and at DP2: same weights and Adam states, same losses."""
-    ref = _run(tmp_path, "tp2", tp=2, pp=1, steps=6, save_at=[3])
+    """Save at TP2 (step 3), load at TP1/PP2 and at DP2: same weights and Adam states, same losses.
+    Tied input/output embeddings (SmolLM2): under PP2 the two stages each hold a copy."""
+    ref = _run(tmp_path, "tp2", tp=2, pp=1, steps=6, save_at=[3], tied=True)
     ckpt = tmp_path / "ckpt" / "step_000003"
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "3"
     for name, tp, pp in (("tp1pp2", 1, 2), ("dp2", 1, 1)):
-        res = _run(tmp_path, name, tp=tp, pp=pp, steps=3, load=True,
+        res = _run(tmp_path, name, tp=tp, pp=pp, steps=3, load=True, tied=True,
                    resave=str(tmp_path / f"resave_{name}"))
         assert [r["resumed_step"] for r in res["ranks"]] == [3, 3]
         assert res["ranks"][0]["extra"] == {"counter": 30}
         assert res["ranks"][0]["rng_restored"] is False  # layout changed: fresh RNG
         # What the new layout holds, saved again, equals the TP2 checkpoint tensor by tensor.
         seen = _assert_same_tensors(ckpt, tmp_path / f"resave_{name}" / "step_000003")
-        assert seen["tensors"] >= 4 * 9  # per weight: itself + optimizer param/exp_avg/exp_avg_sq
+        assert seen["tensors"] == 4 * 8  # 8 weights (output tied to the embedding), each + param/exp_avg/exp_avg_sq
         assert seen["optimizer_kinds"] == ["exp_avg", "exp_avg_sq", "param"]
         assert set(seen["adam_steps"]) == {3}
         for s in (4, 5, 6):
@@ -293,10 +357,33 @@ def test_same_layout_resume_is_bit_exact(tmp_path):
     reseeded = _run(tmp_path, "reseeded", tp=2, pp=1, steps=1, load=True, dropout=0.1,
                     reseed_after_load=999)
     assert reseeded["losses"][4] != ref["losses"][4]
-    no_e3 = _run(tmp_path, "no_e3", tp=2, pp=1, steps=3, load=True, dropout=0.1,
-                 env_extra={"ATPO_TEST_SKIP_FIX": "E3"})
+    no_e3 = _run(tmp_path, "no_e3", tp=2, pp=1, steps=3, load=True, dropout=0.1, without_e3=True,
+                 probe_fixes=["E1", "E2"])
+    probes = no_e3["ranks"][0]["probes"]
+    assert probes["E1"].startswith("AssertionError") and probes["E2"] == "KeyError: 'step'", probes
     assert no_e3["losses"][4] == ref["losses"][4]  # the first step after load still agrees ...
     assert no_e3["losses"][6] != ref["losses"][6]  # ... then the shared Adam step drifts
+
+
+def test_async_save_commits_in_finalize_and_resumes_exactly(tmp_path):
+    """async_save=True (megatron's forked writer, CUDA-only parts pointed at the CPU): the save
+    returns before its commit, training goes on while the writer works, finalize_async_saves()
+    moves `latest`, and resuming from that checkpoint reproduces the uninterrupted losses.
+    The optimizer goes as dp_reshardable here (the load path that needs fixes E3 and E4)."""
+    from atpo_megatron import checkpoint
+
+    ref = _run(tmp_path, "async", tp=2, pp=1, steps=6, save_at=[2, 4], optim_sharding="dp_reshardable",
+               **{"async": True})
+    rank0 = ref["ranks"][0]
+    # Each save returned before its commit; the second began by committing the first.
+    assert rank0["latest_after_save"] == [None, 2]
+    committed = [s for _, steps in rank0.get("committed", []) for s in steps] + rank0["committed_at_exit"]
+    assert 4 in committed and checkpoint.read_latest(tmp_path / "ckpt") == 4
+    res = _run(tmp_path, "resumed", tp=2, pp=1, steps=2, load=True, probe_fixes=["E4"])
+    assert res["ranks"][0]["resumed_step"] == 4
+    assert "a view of a leaf Variable that requires grad" in res["ranks"][0]["probes"]["E4"]
+    for s in (5, 6):
+        assert res["losses"][s] == ref["losses"][s]
 
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
