@@ -43,7 +43,7 @@ from atpo_megatron.actor import fp8  # noqa: E402
 PRESETS = {
     # shapes M x K x N; loss-curve model; steps
     "cpu": dict(shapes="64x128x256,64x256x128", loss_model="tiny", loss_steps=12),
-    "h200": dict(shapes="8192x4096x14336,8192x14336x4096,8192x4096x6144", loss_model="small", loss_steps=100),
+    "h200": dict(shapes="8192x4096x14336,8192x14336x4096,8192x4096x6144", loss_model="8b-layers", loss_steps=60),
 }
 LOSS_MODELS = {
     "tiny": dict(shape=dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -52,6 +52,11 @@ LOSS_MODELS = {
     "small": dict(shape=dict(model_type="llama", vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                              num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False),
                   seq=1024, batch=8, lr=1e-3),
+    # two Llama-3-8B layers, 8192 tokens per step: the FP8 GEMMs at the shapes above, inside a model
+    "8b-layers": dict(shape=dict(model_type="llama", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                                 num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
+                                 tie_word_embeddings=False),
+                      seq=2048, batch=4, lr=3e-4),
 }
 VARIANTS = ("bf16", "fp8-tensorwise", "fp8-rowwise", "fp8-tensorwise-nocache", "fp8-tensorwise-torchcast", "fp8-gemm-only")
 
