@@ -284,6 +284,9 @@ class AgentLoop:
                 calls.append((b, outcome[1]))
         if calls:
             still_open.extend(self._run_tools(calls))
+        log.debug("round %d: %d contexts, max_tokens %d, %d tool calls, %d still open (%.2fs generate)",
+                  self.stats.rounds, len(branches), params.max_tokens, len(calls), len(still_open),
+                  time.perf_counter() - t0)
         return still_open
 
     def _cap(self, b: Branch) -> int:
