@@ -32,8 +32,9 @@ the layout ``torch._scaled_mm`` wants (A row-major, B column-major):
     dgrad    dx = dy @ W        A = dy [M, N]   B = W.T [K, N]
     wgrad    dW = dy.T @ x      A = dy.T [N, M] B = x.T [K, M]
 
-So each quantised tensor is needed both as itself and as its transpose (each with its own
-row-wise scales). ``cast_transpose`` writes both in one pass over the input (a Triton kernel on
+The gradient is always operand A: torch's row-wise FP8 GEMM takes e5m2 only there (B must be
+e4m3), so ``hybrid`` works with both scalings. Each quantised tensor is needed both as itself and
+as its transpose (each with its own row-wise scales). ``cast_transpose`` writes both in one pass over the input (a Triton kernel on
 CUDA; plain torch elsewhere): the forward keeps ``x.T`` in FP8 for the wgrad GEMM instead of the
 bf16 input, and the backward casts ``dy`` once for both of its GEMMs. The weight's pair is cached
 on the layer and recomputed once per optimizer step (``attach_optimizer``); until a layer is
@@ -249,6 +250,9 @@ def _cast_transpose_triton(t, row_s, col_s, dtype, rowwise, transpose, out_dtype
 # the linear function
 
 
+_NOT_ATTACHED_LOGGED: list[bool] = []  # say once per process that caching is off
+
+
 class _WeightCache:
     """The weight's FP8 pair (W, W.T), valid for one weight version.
 
@@ -271,6 +275,10 @@ class _WeightCache:
         pair = cast_transpose(weight.detach(), recipe.fwd_dtype, recipe.rowwise, kernel=recipe.kernel)
         if self.armed and recipe.cache_weights:
             self.key, self.pair = key, pair
+        elif recipe.cache_weights and weight.requires_grad and not _NOT_ATTACHED_LOGGED:
+            _NOT_ATTACHED_LOGGED.append(True)
+            log.info("FP8 layers are not attached to an optimizer: weights are re-quantised on every call; "
+                     "call actor.fp8.attach_optimizer(optimizer, models) to quantise them once per step")
         return pair
 
     def invalidate(self) -> None:
