@@ -32,6 +32,8 @@ COMMANDS: dict[str, Command] = {
                     "greedy evaluation: EM per data source and the micro-average (the paper's Avg.)"),
     "submit": Command("atpo_megatron.launch.slurm", "add_submit_arguments", "submit_main",
                       "render the sbatch script for a config and submit it to SLURM (--dry-run prints it)"),
+    "convert": Command("atpo_megatron.convert", "add_convert_arguments", "convert_main",
+                       "convert a checkpoint to a Hugging Face folder (--to-hf) or back (--from-hf)"),
     "retriever": Command("atpo_megatron.cli", "add_retriever_command", "retriever_command",
                          "serve a Search-R1-compatible /retrieve endpoint (BM25 or dense) over a corpus"),
     "report": Command("atpo_megatron.report", "add_report_arguments", "report_main",

@@ -108,7 +108,9 @@ class Trainer:
         self.search_url = self._start_retriever()
         if self.is_leader:
             _check_retriever(self.search_url)
-        resume_from = checkpoint.prepare(self.ckpt_dir, cfg.checkpoint.resume) if self._saves() else None
+        resume_from = None
+        if self._saves() or self.ckpt_dir.is_dir():  # a dir from `atpo convert --from-hf` needs no saving
+            resume_from = checkpoint.prepare(self.ckpt_dir, cfg.checkpoint.resume)
 
         self.model_dir = resolve_model(cfg.model.name_or_path) if self.rank == 0 else None
         self.model_dir = Path(_broadcast_object(self.model_dir))
@@ -134,10 +136,15 @@ class Trainer:
         self.start_step = 0
         self._trained_lengths: list[int] = []
         if resume_from is not None:
-            resumed = checkpoint.load(self.ckpt_dir, self.models, self.optimizer, self.scheduler, path=resume_from)
-            self.start_step = resumed.step
-            self.train_data.position = resumed.extra["data_position"]
-            log.info("resumed from %s at step %d", resume_from, resumed.step)
+            if checkpoint.read_record(resume_from).get("optim_sharding") is None:  # `atpo convert --from-hf`
+                checkpoint.load(self.ckpt_dir, self.models, path=resume_from)
+                log.info("initial weights from %s (weights only: fresh optimizer, step 0)", resume_from)
+            else:
+                resumed = checkpoint.load(self.ckpt_dir, self.models, self.optimizer, self.scheduler,
+                                          path=resume_from)
+                self.start_step = resumed.step
+                self.train_data.position = resumed.extra["data_position"]
+                log.info("resumed from %s at step %d", resume_from, resumed.step)
 
         self.engine = self.rollout = self.search = None
         if self.is_leader:
