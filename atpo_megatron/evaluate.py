@@ -132,6 +132,7 @@ def eval_main(args) -> int:
     from atpo_megatron.rollout.tree_rollout import _split_config_args, load_examples, rollout_environment
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per search request otherwise
     cfg = load_config(*_split_config_args(args))
     limit = cfg.data.eval_limit if args.limit is None else args.limit
     examples = load_examples(cfg, args.data or cfg.data.eval_files, "test", limit)

@@ -393,6 +393,7 @@ def rollout_main(args) -> int:
     from atpo_megatron.rollout.visualize import write_trees_html, write_trees_json
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per search request otherwise
     cfg = load_config(*_split_config_args(args))
     seed = cfg.train.seed if args.seed is None else args.seed
     n = args.prompts or cfg.train.batch_prompts
