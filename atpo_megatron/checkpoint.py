@@ -294,16 +294,19 @@ def _from_rank0(obj: Any) -> Any:
 
 
 def _collective_check(fn, *args) -> Any:
-    """Run ``fn`` on rank 0 and raise the same error on every rank if it fails."""
-    result, error = None, None
+    """Run ``fn`` on rank 0 and give every rank its result, or raise on every rank if it failed
+    (a rank-0-only exception would leave the other ranks waiting in the next collective)."""
+    result, error, original = None, None, None
     if _rank() == 0:
         try:
             result = fn(*args)
         except CheckpointError as exc:
             error = str(exc)
+        except OSError as exc:
+            error, original = f"{fn.__name__} failed on rank 0: {exc}", exc
     result, error = _from_rank0((result, error))
     if error is not None:
-        raise CheckpointError(error)
+        raise CheckpointError(error) from original
     return result
 
 
@@ -383,8 +386,8 @@ def _shape_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
 
 def _same_vocab_up_to_padding(a: int, b: int, saved: dict, current: dict) -> bool:
     # build_model pads the vocabulary to a multiple of 128 * tp, so a TP change may change the
-    # padded size (megatron reshards the embedding rows; padding rows are dropped or zero-filled).
-    # Padded sizes of one vocabulary differ by less than 128 * the larger tp.
+    # padded size; megatron marks the embedding and output-layer tensors allow_shape_mismatch
+    # (extra rows load as zeros). Padded sizes of one vocabulary differ by < 128 * the larger tp.
     tp = max(saved.get("tp", 1), current.get("tp", 1))
     return abs(a - b) < 128 * tp
 
@@ -543,7 +546,7 @@ def save(
     optim_sharding: "fully_reshardable" (TP/PP/DP may change on load; gathers each DP group's
         optimizer state on its DP rank 0) or "dp_reshardable" (no gather, only DP may change).
 
-    Saving a step that already has a complete checkpoint is a no-op (the state is that one).
+    Saving the step that ``latest`` already names is a no-op (the state is that one).
     """
     global _warned_async
     from megatron.core import dist_checkpointing
@@ -551,16 +554,10 @@ def save(
     _install_compat()
     finalize_async_saves(blocking=True)  # one save in flight at a time
     ckpt_dir, target = Path(ckpt_dir), step_dir(ckpt_dir, step)
-    if _from_rank0(is_complete(target)):
-        log.info("checkpoint %s already complete; not saving step %d again", target, step)
+    # Rank 0 prepares the folder; the broadcast inside holds the others until it is ready.
+    if not _collective_check(prepare_step_dir, ckpt_dir, step):
+        log.info("checkpoint %s is already the latest; not saving step %d again", target, step)
         return target
-    if _rank() == 0:
-        if target.exists():
-            log.warning("removing the partial checkpoint %s left by an earlier crash", target)
-            shutil.rmtree(target)
-        target.mkdir(parents=True)
-    if _dist():
-        torch.distributed.barrier()
 
     if async_save and not async_supported():
         if not _warned_async and _rank() == 0:
@@ -598,6 +595,21 @@ def save(
         _async_queue.schedule_async_request(request)
         _pending.append(step)
     return target
+
+
+def prepare_step_dir(ckpt_dir: str | Path, step: int) -> bool:
+    """Rank 0, before a save: make ``step_<step>`` an empty folder. False = nothing to do (that
+    step is the committed latest). A folder left by a crash (partial), or a complete one that never
+    became ``latest`` (a crash between its two commit writes, i.e. another timeline), is replaced."""
+    ckpt_dir, target = Path(ckpt_dir), step_dir(ckpt_dir, step)
+    if read_latest(ckpt_dir) == step and is_complete(target):
+        return False
+    if target.exists():
+        what = "complete but never committed as latest" if is_complete(target) else "partial"
+        log.warning("replacing the %s checkpoint folder %s left by an earlier run", what, target)
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    return True
 
 
 def _commit(ckpt_dir: Path, step: int, record: dict, config_yaml: str | None, keep_last: int,

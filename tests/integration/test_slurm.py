@@ -125,16 +125,14 @@ def test_usr1_saves_requeues_and_resumes_to_the_uninterrupted_result(slurm_clust
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"logging:\n  run_dir: {run_dir}\n")
     monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
-    job = submit(cfg, nodes=1, gpus_per_node=0, nproc_per_node=2, cpus_per_task=slurm_cluster.cpus,
-                 time="15", signal_seconds=120, job_name="toy", workdir=tmp_path,
-                 setup=SETUP,
-                 program=[sys.executable, toy, run_dir, STEPS, SAVE_EVERY, SLEEP_S])
-    script = (run_dir / "slurm" / "toy.sbatch").read_text()
-    assert script == render_sbatch(cfg, nodes=1, gpus_per_node=0, nproc_per_node=2,
-                                   cpus_per_task=slurm_cluster.cpus, time="15", signal_seconds=120,
-                                   job_name="toy", workdir=tmp_path,
-                                   setup=SETUP,
-                                   program=[sys.executable, toy, run_dir, STEPS, SAVE_EVERY, SLEEP_S])
+    # Every fresh cluster numbers jobs from 1, so the script's default port (20000 + job id) would
+    # always be 20001 on this shared machine; an explicit free port avoids a clash.
+    options = dict(nodes=1, gpus_per_node=0, nproc_per_node=2, cpus_per_task=slurm_cluster.cpus,
+                   time="15", signal_seconds=120, job_name="toy", workdir=tmp_path, setup=SETUP,
+                   master_port=_free_port(),
+                   program=[sys.executable, toy, run_dir, STEPS, SAVE_EVERY, SLEEP_S])
+    job = submit(cfg, **options)
+    assert (run_dir / "slurm" / "toy.sbatch").read_text() == render_sbatch(cfg, **options)
 
     # Let it train a few steps, then deliver what --signal=B:USR1@120 delivers 2 min before the limit.
     slurm_cluster.wait_for(job, "RUNNING", timeout=120,

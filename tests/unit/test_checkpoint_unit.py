@@ -176,3 +176,48 @@ def test_rng_state_round_trip():
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     ck.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_save_target_preparation(tmp_path, caplog):
+    # The committed latest step: nothing to do (a second save of the same state).
+    _fake(tmp_path, 5)
+    ck.write_latest(tmp_path, 5)
+    assert ck.prepare_step_dir(tmp_path, 5) is False
+    # A partial folder (crash mid-save) is replaced by an empty one.
+    _fake(tmp_path, 6, complete=False)
+    with caplog.at_level(logging.WARNING):
+        assert ck.prepare_step_dir(tmp_path, 6) is True
+    assert "partial checkpoint folder" in caplog.text and not any((tmp_path / "step_000006").iterdir())
+    # Complete but never the latest (crash between its two commit writes, then an older resume
+    # took another path): not this timeline's state, so it is rewritten, not silently kept.
+    _fake(tmp_path, 7)
+    assert ck.prepare_step_dir(tmp_path, 7) is True
+    assert "complete but never committed as latest" in caplog.text
+    assert not ck.is_complete(tmp_path / "step_000007")
+
+
+def test_distopt_compat_is_a_noop_with_apex_or_te(monkeypatch):
+    from megatron.core.optimizer import distrib_optimizer
+
+    from atpo_megatron.actor import distopt_compat
+
+    DO = distrib_optimizer.DistributedOptimizer
+    if getattr(DO, "_atpo_distopt_compat", False):
+        pytest.skip("already installed in this process")
+    before = dict(DO.__dict__)
+    monkeypatch.setattr(distrib_optimizer, "HAVE_APEX_OR_TE", True)
+    assert distopt_compat.install() is False
+    assert dict(DO.__dict__) == before
+    monkeypatch.setattr(distrib_optimizer, "HAVE_APEX_OR_TE", False)
+    assert distopt_compat.needed()
+
+
+def test_requeue_commits_pending_async_saves_first(monkeypatch):
+    from atpo_megatron.launch.preemption import PreemptionHandler
+
+    calls = []
+    monkeypatch.setattr(ck, "_pending", [12])
+    monkeypatch.setattr(ck, "finalize_async_saves", lambda blocking=False: calls.append(blocking) or [12])
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert PreemptionHandler().requeue() is False  # not under SLURM, but the save got committed
+    assert calls == [True]
