@@ -65,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max-response-tokens", type=int, default=256, help="generated task: response budget per trajectory")
     g.add_argument("--generation-batch", type=int, default=64, help="contexts per engine call in the rollouts")
     g.add_argument("--rollout-engine", choices=["hf", "hf-static"], default="hf")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every agent-loop round")
     common.add_run_args(p, "rollout")
     args = p.parse_args(argv)
     if args.dtype is None:
@@ -249,6 +250,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     common.quiet()
     common.setup_cpu_threads()
+    if args.verbose:
+        import logging
+
+        logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+        logging.getLogger("atpo_megatron.rollout").setLevel(logging.DEBUG)
     out = {"args": vars(args), "env": common.environment(args.device), "engines": [], "tree_vs_chain": None}
     if args.engines != "none":
         for kind in args.engines.split(","):
