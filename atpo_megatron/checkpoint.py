@@ -551,6 +551,10 @@ def save(
     global _warned_async
     from megatron.core import dist_checkpointing
 
+    if optimizer is not None and not _optimizer_has_state(optimizer):
+        raise CheckpointError(
+            f"cannot save step {step}: the optimizer has no state yet (no optimizer step was taken); "
+            f"save after the first optimizer step, or pass optimizer=None for a weights-only checkpoint")
     _install_compat()
     finalize_async_saves(blocking=True)  # one save in flight at a time
     ckpt_dir, target = Path(ckpt_dir), step_dir(ckpt_dir, step)
@@ -595,6 +599,18 @@ def save(
         _async_queue.schedule_async_request(request)
         _pending.append(step)
     return target
+
+
+def _optimizer_has_state(optimizer: Any) -> bool:
+    """False while a (chained) megatron optimizer's inner torch optimizer has never stepped:
+    megatron's state_dict() then fails with a bare assertion (fallback Adam) or saves nothing."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            has_params = any(p.numel() for g in inner.param_groups for p in g["params"])
+            if has_params and len(inner.state) == 0:
+                return False
+    return True
 
 
 def prepare_step_dir(ckpt_dir: str | Path, step: int) -> bool:

@@ -221,3 +221,14 @@ def test_requeue_commits_pending_async_saves_first(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert PreemptionHandler().requeue() is False  # not under SLURM, but the save got committed
     assert calls == [True]
+
+
+def test_save_before_the_first_optimizer_step_is_refused(tmp_path):
+    param = torch.nn.Parameter(torch.ones(3))
+    inner = torch.optim.AdamW([param])
+    megatron_like = types.SimpleNamespace(optimizer=inner)
+    with pytest.raises(CheckpointError, match="no state yet .* optimizer=None for a weights-only"):
+        ck.save(tmp_path, 0, [], megatron_like)
+    param.grad = torch.zeros(3)
+    inner.step()
+    assert ck._optimizer_has_state(types.SimpleNamespace(chained_optimizers=[megatron_like]))
