@@ -203,7 +203,7 @@ class Trainer:
                    desc="atpo train", disable=self.rank != 0, dynamic_ncols=True)
         try:
             for step in bar:
-                self.profiler.step(step)
+                self.profiler.step(step + 1)  # steps are numbered from 1, as in the logs
                 last = self.train_one_step(step)
                 if cfg.logging.eval_every and ((step + 1) % cfg.logging.eval_every == 0 or step + 1 == cfg.train.steps):
                     with self.timer.stage("eval"):

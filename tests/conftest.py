@@ -46,3 +46,19 @@ def build_tiny_llama(out_dir: Path, *, hidden: int = 64, layers: int = 2, heads:
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A tiny random Llama (hidden 64, 2 layers, 4 heads / 2 KV heads) with SmolLM2's tokenizer."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+# Overrides that shrink the embedded job to seconds per step with the tiny model (tests only).
+TINY_RUN = [
+    "rollout.max_turns=3", "rollout.tool_call_limit=2", "rollout.max_prompt_tokens=1024",
+    "rollout.max_response_tokens=48", "rollout.max_turn_tokens=24",
+    "tree.initial_chains=2", "tree.expansion_iterations=1", "tree.top_k=1", "tree.leaves_per_tree=3",
+    "train.batch_prompts=2", "train.mini_batch_prompts=1", "train.micro_batch_tokens=2048",
+    "optimizer.lr=1e-4", "logging.eval_every=2", "data.eval_limit=2", "checkpoint.save_every=0",
+]
+
+
+@pytest.fixture
+def tiny_run() -> list[str]:
+    """``key=value`` overrides for a seconds-per-step `atpo train` with the tiny model."""
+    return list(TINY_RUN)

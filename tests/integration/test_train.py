@@ -15,13 +15,6 @@ from atpo_megatron.env.retriever import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
-TINY_RUN = [
-    "rollout.max_turns=3", "rollout.tool_call_limit=2", "rollout.max_prompt_tokens=1024",
-    "rollout.max_response_tokens=48", "rollout.max_turn_tokens=24",
-    "tree.initial_chains=2", "tree.expansion_iterations=1", "tree.top_k=1", "tree.leaves_per_tree=3",
-    "train.batch_prompts=2", "train.mini_batch_prompts=1", "train.micro_batch_tokens=2048",
-    "optimizer.lr=1e-4", "logging.eval_every=2", "data.eval_limit=2", "checkpoint.save_every=0",
-]
 
 
 def _atpo(args: list[str], tmp_path: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -33,11 +26,12 @@ def _atpo(args: list[str], tmp_path: Path, timeout: float = 600) -> subprocess.C
 @pytest.mark.integration
 @pytest.mark.dist
 @pytest.mark.slow
-def test_two_steps_tp2_write_readable_logs(tmp_path, tiny_llama_dir):
+def test_two_steps_tp2_write_readable_logs(tmp_path, tiny_llama_dir, tiny_run):
     run_dir = tmp_path / "run"
     proc = _atpo(["train", str(REPO / "examples/embedded_smollm2.yaml"), "--nproc-per-node", "2",
                   f"model.name_or_path={tiny_llama_dir}", "parallel.tp=2", "train.steps=2",
-                  f"logging.run_dir={run_dir}", f"data.embedded_dir={tmp_path / 'task'}", *TINY_RUN], tmp_path)
+                  "profile.enabled=true", "profile.steps=[2,2]",
+                  f"logging.run_dir={run_dir}", f"data.embedded_dir={tmp_path / 'task'}", *tiny_run], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -56,6 +50,8 @@ def test_two_steps_tp2_write_readable_logs(tmp_path, tiny_llama_dir):
     assert [r["step"] for r in rows] == [1, 2]
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "trees" / "step_000001.html").is_file()
+    traces = sorted((run_dir / "profile").glob("rank0_steps2-2.*.pt.trace.json"))
+    assert len(traces) == 1 and json.loads(traces[0].read_text())["traceEvents"]
 
 
 @pytest.mark.integration
@@ -68,11 +64,11 @@ def test_bad_config_fails_before_any_launch(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_dead_retriever_fails_fast_with_the_url(tmp_path, tiny_llama_dir):
+def test_dead_retriever_fails_fast_with_the_url(tmp_path, tiny_llama_dir, tiny_run):
     url = f"http://127.0.0.1:{free_port()}/retrieve"  # nothing listens there
     proc = _atpo(["train", str(REPO / "examples/embedded_smollm2.yaml"), f"model.name_or_path={tiny_llama_dir}",
                   f"retriever.url={url}", f"logging.run_dir={tmp_path / 'run'}",
-                  f"data.embedded_dir={tmp_path / 'task'}", *TINY_RUN], tmp_path, timeout=180)
+                  f"data.embedded_dir={tmp_path / 'task'}", *tiny_run], tmp_path, timeout=180)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"the retriever at {url} does not answer" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
