@@ -111,6 +111,8 @@ if r:
     if t:
         line(f"tree vs chain, {t['tree']['leaves']} leaves: fewer tokens than chains", f"{100 * t['saving_vs_chain_run']:.1f}%",
              "target >= 30%")
+        line("  fewer than chains to the tree's own leaves", f"{100 * t['saving_vs_chain_equivalent']:.1f}%",
+             f"{t['tree']['turns_per_leaf']:.1f} turns/leaf, task {t['task']}")
         line("tree / chain wall time", f"{t['wall_ratio_tree_over_chain']:.2f}")
 w = load("weight_sync")
 if w:
