@@ -67,7 +67,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "grpo-chain": {"rollout.mode": "chain", "loss.name": "grpo"},
     "atpo-chain": {"rollout.mode": "chain", "loss.name": "atpo"},
 }
-DEFAULT_ARMS = "atpo-entropy,atpo-random,grpo-loss-tree,grpo-chain"
+DEFAULT_ARMS = "atpo-entropy,grpo-chain,atpo-random,grpo-loss-tree"
 
 # The tiny model of --model tiny (random initialisation, SmolLM2's tokenizer).
 TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -77,8 +77,8 @@ TOPK = 2
 
 # Presets: CPU (this machine: 2 shared cores) and one GPU.
 PRESETS = {
-    "cpu": dict(token_budget=12000, steps=40, batch_prompts=4, chains=2, expansions=1, top_k=2,
-                lr=1e-4, eval_limit=8, sft_steps=150, sft_batch=8, sft_lr=3e-3),
+    "cpu": dict(token_budget=12000, steps=30, batch_prompts=8, chains=2, expansions=1, top_k=2,
+                lr=1e-3, eval_limit=24, sft_steps=150, sft_batch=8, sft_lr=3e-3),
     "gpu": dict(token_budget=400000, steps=200, batch_prompts=16, chains=4, expansions=2, top_k=2,
                 lr=1e-5, eval_limit=100, sft_steps=600, sft_batch=32, sft_lr=2e-3),
 }
@@ -110,8 +110,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="results JSON (default benchmarks/results/learning_<cpu|gpu>.json)")
     p.add_argument("--png", default=None, help="reward curves (default: next to --json)")
     p.add_argument("--last-k", type=int, default=5, help="report the mean reward of the last k steps")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")),
-                   help="torch threads per arm (arms run one after another)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+                   help="torch threads of the warm-start and of every arm. On the shared, "
+                        "oversubscribed 2-core machine 1 was faster than 2")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="arms run at once, each with --threads threads (wall times then overlap; steps and "
+                        "tokens are unaffected)")
     p.add_argument("--reuse", action="store_true", help="do not rerun an arm whose run directory finished")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one arm, JSON spec
     args = p.parse_args(argv)
@@ -317,7 +321,7 @@ def base_overrides(args, task: dict[str, str], model: str) -> dict[str, Any]:
 
 
 def run_arm(args, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """One arm in a subprocess; returns its summary (also saved as ``<run_dir>/arm.json``)."""
+    """Start one arm in a subprocess (or reuse its finished run); :func:`finish_arm` waits for it."""
     run_dir = Path(args.out) / name
     done = run_dir / "arm.json"
     if args.reuse and done.is_file():
@@ -334,10 +338,20 @@ def run_arm(args, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(run_dir / "spec.json")]
     print(f"[{name}] {' '.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
-    with open(run_dir / "log.txt", "w") as logf:
-        rc = subprocess.call(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
-    wall = time.perf_counter() - t0
+    logf = open(run_dir / "log.txt", "w")
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
+    return {"name": name, "proc": proc, "log": logf, "t0": time.perf_counter(), "run_dir": run_dir}
+
+
+def finish_arm(args, job: dict[str, Any]) -> dict[str, Any]:
+    """Wait for an arm launched by :func:`run_arm`; its summary (also ``<run_dir>/arm.json``)."""
+    if "proc" not in job:  # reused
+        return job
+    name, run_dir = job["name"], job["run_dir"]
+    rc = job["proc"].wait()
+    job["log"].close()
+    wall = time.perf_counter() - job["t0"]
+    done = run_dir / "arm.json"
     if rc != 0:
         tail = (run_dir / "log.txt").read_text()[-3000:]
         raise SystemExit(f"[{name}] the arm failed (exit {rc}); last lines of {run_dir / 'log.txt'}:\n{tail}")
@@ -521,6 +535,9 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args.worker)
     t0 = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(args.threads)
     task = prepare_task(args)
     warm = None
     if args.model == "tiny":
@@ -531,16 +548,19 @@ def main(argv=None) -> int:
     else:
         model = args.model
     base = base_overrides(args, task, model)
-    results = []
-    for name in args.arms.split(","):
-        r = run_arm(args, name, {**base, **ARMS[name]})
-        results.append(r)
-        print(f"[{name}] {r['steps']} steps, {r['generated_tokens']:.0f} generated tokens, reward "
-              f"{r['reward_first_k_mean']:+.3f} -> {r['reward_last_k_mean']:+.3f} (mean of first/last "
-              f"{r['last_k']}), eval EM {r['eval_em_start']:.3f} -> {r['eval_em_end']:.3f}, {r['wall_s']:.0f}s",
-              flush=True)
-    import torch
-
+    names, results, running = args.arms.split(","), [], []
+    for i, name in enumerate(names):
+        running.append(run_arm(args, name, {**base, **ARMS[name]}))
+        if len(running) < max(1, args.parallel) and i + 1 < len(names):
+            continue
+        for job in running:
+            results.append(finish_arm(args, job))
+            r = results[-1]
+            print(f"[{r['arm']}] {r['steps']} steps, {r['generated_tokens']:.0f} generated tokens, reward "
+                  f"{r['reward_first_k_mean']:+.3f} -> {r['reward_last_k_mean']:+.3f} (mean of first/last "
+                  f"{r['last_k']}), eval EM {r['eval_em_start']:.3f} -> {r['eval_em_end']:.3f}, {r['wall_s']:.0f}s",
+                  flush=True)
+        running = []
     report = {
         "benchmark": "learning",
         "command": "python benchmarks/learning.py " + " ".join(sys.argv[1:] if argv is None else argv),
