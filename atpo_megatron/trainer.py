@@ -80,6 +80,7 @@ class Trainer:
         from transformers import AutoConfig, AutoTokenizer
 
         from atpo_megatron import checkpoint
+        from atpo_megatron.actor.fp8 import attach_optimizer as attach_fp8_optimizer
         from atpo_megatron.actor.model import build_model
         from atpo_megatron.actor.optimizer import build_optimizer, wrap_ddp
         from atpo_megatron.actor.parallel import init_distributed
@@ -125,6 +126,7 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(
             self.models, cfg.optimizer, total_steps=cfg.train.steps * self.updates_per_step
         )
+        attach_fp8_optimizer(self.optimizer, self.models)  # FP8 weights cached per step (no-op without FP8 layers)
 
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         train, dropped = split_overlong(load_examples(cfg, cfg.data.train_files, "train"), tokenizer,
