@@ -105,7 +105,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sft-steps", type=int, default=None, help="--model tiny: warm-start steps")
     p.add_argument("--sft-lr", type=float, default=None)
     p.add_argument("--sft-batch", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated task and of the warm-start")
+    p.add_argument("--rl-seeds", default="0",
+                   help="comma list: every arm runs once per seed (train.seed = 1234 + s: prompt order, sampling, "
+                        "expansion draws); the table shows each run and the mean over seeds")
     p.add_argument("--out", default="runs/learning", help="run directories (one per arm), task and warm-start")
     p.add_argument("--json", default=None, help="results JSON (default benchmarks/results/learning_<cpu|gpu>.json)")
     p.add_argument("--png", default=None, help="reward curves (default: next to --json)")
@@ -126,6 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tree:
         args.chains, args.expansions, args.top_k = (int(x) for x in args.tree.split(","))
     args.tree = f"{args.chains},{args.expansions},{args.top_k}"
+    args.rl_seed_list = [int(x) for x in args.rl_seeds.split(",")]
     args.hop_list = sorted({int(h) for h in args.hops.split(",")})
     if not set(args.hop_list) <= {1, 2, 3}:
         p.error(f"--hops {args.hops}: choose among 1, 2, 3")
@@ -296,7 +300,7 @@ def base_overrides(args, task: dict[str, str], model: str) -> dict[str, Any]:
         "train.batch_prompts": args.batch_prompts,
         "train.mini_batch_prompts": max(1, args.batch_prompts // 2),
         "train.micro_batch_tokens": 16384 if args.gpu else 4096,
-        "train.seed": 1234 + args.seed,
+        "train.seed": 1234,
         "optimizer.lr": args.lr,
         "optimizer.min_lr": args.lr,
         "optimizer.lr_decay_style": "constant",
@@ -320,13 +324,16 @@ def base_overrides(args, task: dict[str, str], model: str) -> dict[str, Any]:
     return o
 
 
-def run_arm(args, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+def run_arm(args, name: str, rl_seed: int, overrides: dict[str, Any]) -> dict[str, Any]:
     """Start one arm in a subprocess (or reuse its finished run); :func:`finish_arm` waits for it."""
-    run_dir = Path(args.out) / name
+    run_dir = Path(args.out) / f"{name}_s{rl_seed}"
     done = run_dir / "arm.json"
     if args.reuse and done.is_file():
-        print(f"[{name}] reusing {done}")
-        return json.loads(done.read_text())
+        print(f"[{name} seed {rl_seed}] reusing {done}")
+        summary = summarize_arm(name, run_dir, args.last_k)
+        summary.update(rl_seed=rl_seed, wall_s=json.loads(done.read_text())["wall_s"])
+        return summary
+    overrides = {**overrides, "train.seed": 1234 + rl_seed}
     if run_dir.exists():
         import shutil
 
@@ -340,7 +347,8 @@ def run_arm(args, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     print(f"[{name}] {' '.join(cmd)}", flush=True)
     logf = open(run_dir / "log.txt", "w")
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
-    return {"name": name, "proc": proc, "log": logf, "t0": time.perf_counter(), "run_dir": run_dir}
+    return {"name": name, "rl_seed": rl_seed, "proc": proc, "log": logf, "t0": time.perf_counter(),
+            "run_dir": run_dir}
 
 
 def finish_arm(args, job: dict[str, Any]) -> dict[str, Any]:
@@ -356,7 +364,7 @@ def finish_arm(args, job: dict[str, Any]) -> dict[str, Any]:
         tail = (run_dir / "log.txt").read_text()[-3000:]
         raise SystemExit(f"[{name}] the arm failed (exit {rc}); last lines of {run_dir / 'log.txt'}:\n{tail}")
     summary = summarize_arm(name, run_dir, args.last_k)
-    summary["wall_s"] = wall
+    summary.update(rl_seed=job["rl_seed"], wall_s=wall)
     done.write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -398,18 +406,35 @@ def worker(spec_path: str) -> int:
                 self.rollout = TreeRollout.from_config(self.engine, self.search, self.cfg, assistant_prefix=prefix)
 
         def evaluate(self):
-            if not prefix:
-                return super().evaluate()
+            """The trainer's greedy evaluation; also keeps its samples (answers) in eval_samples_<n>.json."""
             import functools
 
             import atpo_megatron.evaluate as ev
 
-            original = ev.TreeRollout
-            ev.TreeRollout = functools.partial(original, assistant_prefix=prefix)
+            original_rollout, original_evaluate, captured = ev.TreeRollout, ev.evaluate, []
+
+            def keep(*a, **kw):
+                report = original_evaluate(*a, **kw)
+                captured.extend(report["samples"])
+                return report
+
+            ev.evaluate = keep
+            if prefix:
+                ev.TreeRollout = functools.partial(original_rollout, assistant_prefix=prefix)
             try:
-                return super().evaluate()
+                out = super().evaluate()
             finally:
-                ev.TreeRollout = original
+                ev.TreeRollout, ev.evaluate = original_rollout, original_evaluate
+            self.evals = getattr(self, "evals", 0) + 1
+            if self.rank == 0:
+                answers: dict[str, int] = {}
+                for smp in captured:
+                    answers[str(smp["answer"])] = answers.get(str(smp["answer"]), 0) + 1
+                (self.run_dir / f"eval_samples_{self.evals}.json").write_text(json.dumps(
+                    {"metrics": out, "distinct_answers": len(answers),
+                     "most_common_answers": sorted(answers.items(), key=lambda kv: -kv[1])[:5],
+                     "samples": captured}, indent=1) + "\n")
+            return out
 
         def fit(self):
             self.tokens = 0.0
@@ -473,6 +498,7 @@ def summarize_arm(name: str, run_dir: Path, last_k: int) -> dict[str, Any]:
         "reward_last": rewards[-1],
         "reward_first_k_mean": sum(rewards[:k]) / k,
         "reward_last_k_mean": sum(rewards[-k:]) / k,
+        "reward_step_std": _std(rewards),
         "last_k": k,
         "format_failure_first_k": sum(col("rollout/format_failure_rate")[:k]) / k,
         "format_failure_last_k": sum(col("rollout/format_failure_rate")[-k:]) / k,
@@ -483,24 +509,68 @@ def summarize_arm(name: str, run_dir: Path, last_k: int) -> dict[str, Any]:
         "eval_em_end": end.get("eval/em_avg", float("nan")),
         "eval_em_start_per_source": {k2: v for k2, v in start.items() if k2.startswith("eval/em_gen")},
         "eval_em_end_per_source": {k2: v for k2, v in end.items() if k2.startswith("eval/em_gen")},
+        "eval_end_answers": eval_answers(run_dir),
         "step_s_mean": sum(sum(v for kk, v in r.items() if kk.startswith("timing/") and kk.endswith("_s")
                                and kk != "timing/eval_s") for r in rows) / len(rows),
     }
 
 
+def _std(xs: list[float]) -> float:
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
+
+
+def eval_answers(run_dir: Path) -> dict[str, Any]:
+    """Distinct greedy answers of the last evaluation (a constant answer can score EM by luck)."""
+    files = sorted(run_dir.glob("eval_samples_*.json"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if not files:
+        return {}
+    last = json.loads(files[-1].read_text())
+    return {"distinct_answers": last["distinct_answers"], "most_common_answers": last["most_common_answers"]}
+
+
 def table(results: list[dict[str, Any]]) -> str:
     k = results[0]["last_k"] if results else 0
-    head = ("| arm | steps | generated tokens | reward first | reward last | reward mean first "
-            f"{k} | reward mean last {k} | format fail first→last {k} | train EM first→last {k} | "
-            "eval EM before → after | s/step | wall s |")
+    head = (f"| arm | RL seed | steps | generated tokens | reward, mean of first {k} → last {k} steps | per-step reward std | "
+            f"format failures, first {k} → last {k} | training EM, first {k} → last {k} | "
+            "greedy eval EM, before → after (distinct answers after) | s/step | wall s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
+        distinct = r.get("eval_end_answers", {}).get("distinct_answers", "?")
         lines.append(
-            f"| {r['arm']} | {r['steps']} | {r['generated_tokens']:.0f} | {r['reward_first']:+.3f} | "
-            f"{r['reward_last']:+.3f} | {r['reward_first_k_mean']:+.3f} | {r['reward_last_k_mean']:+.3f} | "
+            f"| {r['arm']} | {r['rl_seed']} | {r['steps']} | {r['generated_tokens']:.0f} | "
+            f"{r['reward_first_k_mean']:+.3f} → {r['reward_last_k_mean']:+.3f} | {r['reward_step_std']:.3f} | "
             f"{r['format_failure_first_k']:.2f} → {r['format_failure_last_k']:.2f} | "
             f"{r['train_em_first_k']:.3f} → {r['train_em_last_k']:.3f} | "
-            f"{r['eval_em_start']:.3f} → {r['eval_em_end']:.3f} | {r['step_s_mean']:.1f} | {r['wall_s']:.0f} |")
+            f"{r['eval_em_start']:.3f} → {r['eval_em_end']:.3f} ({distinct}) | {r['step_s_mean']:.1f} | "
+            f"{r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def means(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per arm, the mean over its RL seeds of the table's numbers."""
+    keys = ("steps", "generated_tokens", "reward_first_k_mean", "reward_last_k_mean", "format_failure_first_k",
+            "format_failure_last_k", "train_em_first_k", "train_em_last_k", "eval_em_start", "eval_em_end")
+    out = []
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        rows = [r for r in results if r["arm"] == arm]
+        m = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+        m["reward_gain_per_seed"] = [r["reward_last_k_mean"] - r["reward_first_k_mean"] for r in rows]
+        out.append({"arm": arm, "seeds": [r["rl_seed"] for r in rows], **m})
+    return out
+
+
+def mean_table(rows: list[dict[str, Any]], k: int) -> str:
+    head = (f"| arm | seeds | steps | generated tokens | reward, first {k} → last {k} | gain per seed | "
+            f"format failures, first {k} → last {k} | greedy eval EM, before → after |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for m in rows:
+        gains = ", ".join(f"{g:+.3f}" for g in m["reward_gain_per_seed"])
+        lines.append(
+            f"| {m['arm']} | {len(m['seeds'])} | {m['steps']:.1f} | {m['generated_tokens']:.0f} | "
+            f"{m['reward_first_k_mean']:+.3f} → {m['reward_last_k_mean']:+.3f} | {gains} | "
+            f"{m['format_failure_first_k']:.2f} → {m['format_failure_last_k']:.2f} | "
+            f"{m['eval_em_start']:.3f} → {m['eval_em_end']:.3f} |")
     return "\n".join(lines)
 
 
@@ -511,12 +581,17 @@ def plot(results: list[dict[str, Any]], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    colors = {arm: f"C{i}" for i, arm in enumerate(dict.fromkeys(r["arm"] for r in results))}
+    seeds = list(dict.fromkeys(r["rl_seed"] for r in results))
+    styles = ["-", "--", ":", "-."]
     for r in results:
         c = r["curve"]
         x = [t / 1000 for t in c["generated_tokens"]]
-        axes[0].plot(x, c["reward_mean"], marker="o", ms=3, label=r["arm"])
-        axes[1].plot(x, c["format_failure_rate"], marker="o", ms=3, label=r["arm"])
-        axes[2].plot(x, c["em"], marker="o", ms=3, label=r["arm"])
+        style = dict(color=colors[r["arm"]], ls=styles[seeds.index(r["rl_seed"]) % len(styles)], marker="o", ms=3,
+                     label=f"{r['arm']} (seed {r['rl_seed']})" if len(seeds) > 1 else r["arm"])
+        axes[0].plot(x, c["reward_mean"], **style)
+        axes[1].plot(x, c["format_failure_rate"], **style)
+        axes[2].plot(x, c["em"], **style)
     for ax, what in zip(axes, ("mean leaf reward (-1 format fail, 0 wrong, 1 EM)", "format failure rate",
                                "training EM (no format check)")):
         ax.set_xlabel("generated tokens (thousands)")
@@ -548,15 +623,16 @@ def main(argv=None) -> int:
     else:
         model = args.model
     base = base_overrides(args, task, model)
-    names, results, running = args.arms.split(","), [], []
-    for i, name in enumerate(names):
-        running.append(run_arm(args, name, {**base, **ARMS[name]}))
-        if len(running) < max(1, args.parallel) and i + 1 < len(names):
+    runs = [(name, seed) for seed in args.rl_seed_list for name in args.arms.split(",")]
+    results, running = [], []
+    for i, (name, seed) in enumerate(runs):
+        running.append(run_arm(args, name, seed, {**base, **ARMS[name]}))
+        if len(running) < max(1, args.parallel) and i + 1 < len(runs):
             continue
         for job in running:
             results.append(finish_arm(args, job))
             r = results[-1]
-            print(f"[{r['arm']}] {r['steps']} steps, {r['generated_tokens']:.0f} generated tokens, reward "
+            print(f"[{r['arm']} seed {r['rl_seed']}] {r['steps']} steps, {r['generated_tokens']:.0f} generated tokens, reward "
                   f"{r['reward_first_k_mean']:+.3f} -> {r['reward_last_k_mean']:+.3f} (mean of first/last "
                   f"{r['last_k']}), eval EM {r['eval_em_start']:.3f} -> {r['eval_em_end']:.3f}, {r['wall_s']:.0f}s",
                   flush=True)
@@ -568,9 +644,10 @@ def main(argv=None) -> int:
         "tree": args.tree, "batch_prompts": args.batch_prompts, "token_budget": args.token_budget,
         "max_steps": args.steps, "lr": args.lr, "assistant_prefix": args.assistant_prefix,
         "base_overrides": base, "device": "cuda" if args.gpu else f"cpu ({args.threads} threads)",
-        "torch": torch.__version__, "total_wall_s": time.perf_counter() - t0, "arms": results,
+        "torch": torch.__version__, "total_wall_s": time.perf_counter() - t0, "rl_seeds": args.rl_seed_list,
+        "means": means(results), "runs": results,
     }
-    md = table(results)
+    md = table(results) + "\n\nMean over RL seeds:\n\n" + mean_table(report["means"], results[0]["last_k"] if results else args.last_k)
     print()
     print(md)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
