@@ -50,12 +50,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_main(args: argparse.Namespace) -> int:
-    from atpo_megatron.config import dump_config, load_config
+    from atpo_megatron.config import dump_config, load_config, split_config_args
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:  # `atpo config show tree.top_k=4` without a file
-        config, overrides = None, [config, *overrides]
-    print(dump_config(load_config(config, overrides)), end="")
+    print(dump_config(load_config(*split_config_args(args.config, args.overrides))), end="")
     return 0
 
 

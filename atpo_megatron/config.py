@@ -375,6 +375,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def split_config_args(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """A command's optional CONFIG positional may really be the first ``key=value`` override."""
+    if config is not None and "=" in config and not Path(config).is_file():
+        return None, [config, *overrides]
+    return config, list(overrides)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load YAML (optional), apply ``key.sub=value`` overrides, validate, and return the tree."""
     data: dict[str, Any] = {}

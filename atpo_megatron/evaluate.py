@@ -128,12 +128,12 @@ def add_eval_arguments(parser) -> None:
 
 
 def eval_main(args) -> int:
-    from atpo_megatron.config import load_config
-    from atpo_megatron.rollout.tree_rollout import _split_config_args, load_examples, rollout_environment
+    from atpo_megatron.config import load_config, split_config_args
+    from atpo_megatron.rollout.tree_rollout import load_examples, rollout_environment
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per search request otherwise
-    cfg = load_config(*_split_config_args(args))
+    cfg = load_config(*split_config_args(args.config, args.overrides))
     limit = cfg.data.eval_limit if args.limit is None else args.limit
     examples = load_examples(cfg, args.data or cfg.data.eval_files, "test", limit)
     with rollout_environment(cfg) as (engine, client):

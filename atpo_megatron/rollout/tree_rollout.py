@@ -367,13 +367,6 @@ def load_examples(cfg: "Config", files: Sequence[str], split: str, limit: int = 
     return out
 
 
-def _split_config_args(args) -> tuple[str | None, list[str]]:
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not Path(config).is_file():  # overrides only
-        config, overrides = None, [config, *overrides]
-    return config, overrides
-
-
 def add_rollout_arguments(parser) -> None:
     """``atpo rollout [CONFIG] [key.sub=value ...] --out DIR [--prompts N] [--seed S] [--split train|eval]``."""
     parser.add_argument("config", nargs="?", help="YAML config file (omit for the defaults)")
@@ -389,12 +382,12 @@ def add_rollout_arguments(parser) -> None:
 
 def rollout_main(args) -> int:
     """Run one rollout batch from a config and write the trees as JSON and as an HTML picture."""
-    from atpo_megatron.config import load_config
+    from atpo_megatron.config import load_config, split_config_args
     from atpo_megatron.rollout.visualize import write_trees_html, write_trees_json
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per search request otherwise
-    cfg = load_config(*_split_config_args(args))
+    cfg = load_config(*split_config_args(args.config, args.overrides))
     seed = cfg.train.seed if args.seed is None else args.seed
     n = args.prompts or cfg.train.batch_prompts
     files = cfg.data.train_files if args.split == "train" else cfg.data.eval_files
