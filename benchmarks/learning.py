@@ -183,7 +183,8 @@ def demonstration(tok, search, row: dict, max_prompt_tokens: int) -> tuple[list[
         obs = enc(format_tool_result(res.text))
         ids += turn + obs
         mask += [1] * len(turn) + [0] * len(obs)
-    final = enc(f" <think> found </think> <answer> \\boxed{{{row['golden_answers'][0]}}} </answer>") + [tok.eos_token_id]
+    answer = row["golden_answers"][0]
+    final = enc(f" <think> found </think> <answer> \\boxed{{{answer}}} </answer>") + [tok.eos_token_id]
     return ids + final, mask + [1] * len(final)
 
 
@@ -234,7 +235,8 @@ def warm_start(args, task: dict[str, str]) -> tuple[Path, dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    info = {"spec": spec, "demonstrations": len(demos), "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]),
+    info = {"spec": spec, "demonstrations": len(demos), "loss_first": losses[0],
+            "loss_last": sum(losses[-10:]) / len(losses[-10:]),
             "held_out_loss": test_loss,
             "params": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - t0,
             "demo_tokens_mean": sum(len(d[0]) for d in demos) / len(demos)}
@@ -531,7 +533,8 @@ def eval_answers(run_dir: Path) -> dict[str, Any]:
 
 def table(results: list[dict[str, Any]]) -> str:
     k = results[0]["last_k"] if results else 0
-    head = (f"| arm | RL seed | steps | generated tokens | reward, mean of first {k} → last {k} steps | per-step reward std | "
+    head = (f"| arm | RL seed | steps | generated tokens | reward, mean of first {k} → last {k} steps | "
+            "per-step reward std | "
             f"format failures, first {k} → last {k} | training EM, first {k} → last {k} | "
             "greedy eval EM, before → after (distinct answers after) | s/step | wall s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -632,7 +635,8 @@ def main(argv=None) -> int:
         for job in running:
             results.append(finish_arm(args, job))
             r = results[-1]
-            print(f"[{r['arm']} seed {r['rl_seed']}] {r['steps']} steps, {r['generated_tokens']:.0f} generated tokens, reward "
+            print(f"[{r['arm']} seed {r['rl_seed']}] {r['steps']} steps, {r['generated_tokens']:.0f} generated "
+                  f"tokens, reward "
                   f"{r['reward_first_k_mean']:+.3f} -> {r['reward_last_k_mean']:+.3f} (mean of first/last "
                   f"{r['last_k']}), eval EM {r['eval_em_start']:.3f} -> {r['eval_em_end']:.3f}, {r['wall_s']:.0f}s",
                   flush=True)
@@ -647,7 +651,8 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "total_wall_s": time.perf_counter() - t0, "rl_seeds": args.rl_seed_list,
         "means": means(results), "runs": results,
     }
-    md = table(results) + "\n\nMean over RL seeds:\n\n" + mean_table(report["means"], results[0]["last_k"] if results else args.last_k)
+    k = results[0]["last_k"] if results else args.last_k
+    md = table(results) + "\n\nMean over RL seeds:\n\n" + mean_table(report["means"], k)
     print()
     print(md)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
