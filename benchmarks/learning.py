@@ -112,7 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/learning", help="run directories (one per arm), task and warm-start")
     p.add_argument("--json", default=None, help="results JSON (default benchmarks/results/learning_<cpu|gpu>.json)")
     p.add_argument("--png", default=None, help="reward curves (default: next to --json)")
-    p.add_argument("--last-k", type=int, default=5, help="report the mean reward of the last k steps")
+    p.add_argument("--last-k", type=int, default=3,
+                   help="compare the mean reward of the first k and the last k steps (3: the windows do not "
+                        "overlap for the 7-11 steps a CPU arm runs)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
                    help="torch threads of the warm-start and of every arm. On the shared, "
                         "oversubscribed 2-core machine 1 was faster than 2")
@@ -487,6 +489,7 @@ def summarize_arm(name: str, run_dir: Path, last_k: int) -> dict[str, Any]:
         "steps": len(rows),
         "generated_tokens": rows[-1].get("bench/generated_tokens_cum", float("nan")),
         "chain_equivalent_tokens": sum(col("rollout/chain_tokens")),
+        "tree_token_saving": 1.0 - sum(col("rollout/generated_tokens")) / max(sum(col("rollout/chain_tokens")), 1.0),
         "curve": {
             "step": [r["step"] for r in rows],
             "generated_tokens": col("bench/generated_tokens_cum"),
@@ -533,7 +536,8 @@ def eval_answers(run_dir: Path) -> dict[str, Any]:
 
 def table(results: list[dict[str, Any]]) -> str:
     k = results[0]["last_k"] if results else 0
-    head = (f"| arm | RL seed | steps | generated tokens | reward, mean of first {k} → last {k} steps | "
+    head = (f"| arm | RL seed | steps | generated tokens (saving vs chains) | "
+            f"reward, mean of first {k} → last {k} steps | "
             "per-step reward std | "
             f"format failures, first {k} → last {k} | training EM, first {k} → last {k} | "
             "greedy eval EM, before → after (distinct answers after) | s/step | wall s |")
@@ -541,7 +545,8 @@ def table(results: list[dict[str, Any]]) -> str:
     for r in results:
         distinct = r.get("eval_end_answers", {}).get("distinct_answers", "?")
         lines.append(
-            f"| {r['arm']} | {r['rl_seed']} | {r['steps']} | {r['generated_tokens']:.0f} | "
+            f"| {r['arm']} | {r['rl_seed']} | {r['steps']} | {r['generated_tokens']:.0f} "
+            f"({100 * r.get('tree_token_saving', 0.0):.1f}%) | "
             f"{r['reward_first_k_mean']:+.3f} → {r['reward_last_k_mean']:+.3f} | {r['reward_step_std']:.3f} | "
             f"{r['format_failure_first_k']:.2f} → {r['format_failure_last_k']:.2f} | "
             f"{r['train_em_first_k']:.3f} → {r['train_em_last_k']:.3f} | "
