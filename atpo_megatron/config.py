@@ -202,6 +202,7 @@ class CheckpointConfig:
     dir: str = ""
     """Checkpoint folder; empty = <logging.run_dir>/checkpoints."""
     save_every: int = 50
+    """Save every N steps and after the last; 0 = never periodically (a preemption stop still saves)."""
     keep_last: int = 3
     async_save: bool = False
     resume: Literal["auto", "never", "required"] = "auto"

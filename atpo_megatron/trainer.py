@@ -219,8 +219,9 @@ class Trainer:
                     log.info(step_line(last, step=step + 1))
                 checkpoint.finalize_async_saves()
                 stop = self.preemption.should_stop()
-                if self._saves() and (stop or (step + 1) % max(cfg.checkpoint.save_every, 1) == 0
-                                      or step + 1 == cfg.train.steps):
+                # A stop always saves (even with save_every=0): the requeued job must resume from it.
+                if stop or (self._saves() and ((step + 1) % max(cfg.checkpoint.save_every, 1) == 0
+                                               or step + 1 == cfg.train.steps)):
                     self.save(step + 1)
                 if stop:
                     checkpoint.finalize_async_saves(blocking=True)

@@ -1,116 +1,82 @@
-"""Preemption on a real SLURM cluster: signal -> save -> requeue -> resume -> same final state.
+"""Preemption of `atpo train` on a real SLURM cluster: USR1 -> save -> requeue -> resume -> same run.
 
-The job is what ``atpo submit`` renders (srun + torchrun, 2 gloo ranks on one CPU node) with a toy
-training loop as its program (``TOY_LOOP`` below: a counter updated with per-rank random numbers
-and an all-reduce, checkpointed with ``atpo_megatron.checkpoint``, stopped by
-``PreemptionHandler``). To test the real trainer, pass its command as ``program`` instead.
+The job is what ``atpo submit`` renders (srun + torchrun, 2 gloo ranks on one CPU node, DP=2 with the
+distributed optimizer) running ``atpo train`` on the tiny Llama. After step 1 the test sends the
+batch shell USR1 (what ``--signal=B:USR1@T`` does T seconds before the time limit). The ranks save at
+the next step boundary and ``scontrol requeue`` the job; SLURM restarts it (``SLURM_RESTART_COUNT=1``),
+it resumes from that checkpoint and finishes. Every step's loss and gradient norm and the final
+weights must equal an uninterrupted run of the same config under plain torchrun (fp32, CPU).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 
 from atpo_megatron import checkpoint
+from atpo_megatron.env.retriever import free_port
 from atpo_megatron.launch.slurm import render_sbatch, submit
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.dist]
 ROOT = Path(__file__).resolve().parents[2]
-STEPS, SAVE_EVERY, SLEEP_S = 24, 6, 0.5
-# What a user's --setup does: put the venv (torchrun, python) on PATH and the package on PYTHONPATH.
+CONFIG = ROOT / "examples/embedded_smollm2.yaml"
+STEPS = 4
+# What a user's --setup does: put the venv (torchrun, atpo) on PATH.
 SETUP = [f"export PATH={Path(sys.executable).parent}:$PATH", f"export PYTHONPATH={ROOT}",
-         "export OMP_NUM_THREADS=1"]
-
-TOY_LOOP = '''\
-"""Toy trainer: python toy_loop.py OUT_DIR STEPS SAVE_EVERY SLEEP_S (under torchrun)."""
-import json, sys, time
-from pathlib import Path
+         "export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1"]
 
 
-def main(out, steps, save_every, sleep_s):
-    import torch
-    import torch.distributed as dist
-    from atpo_megatron import checkpoint
-    from atpo_megatron.launch.preemption import PreemptionHandler
-
-    handler = PreemptionHandler().install()
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(100 + rank)  # a different stream per rank: the checkpoint must restore each
-    ckpt = out / "ckpt"
-    step, counter = 0, 0.0
-    if checkpoint.prepare(ckpt, "auto") is not None:
-        step, extra = checkpoint.load(ckpt, [])
-        counter = extra["counter"]
-    print(f"[toy] rank {rank} restart_count={handler.restart_count} resumed_step={step}", flush=True)
-    while step < steps:
-        step += 1
-        t = torch.tensor([counter * 0.9 + torch.rand(1).item() + step], dtype=torch.float64)
-        dist.all_reduce(t)
-        counter = t.item() / world
-        time.sleep(sleep_s)
-        if rank == 0:
-            print(f"[toy] step {step} counter {counter!r}", flush=True)
-        stop = handler.should_stop()
-        if step % save_every == 0 or stop:
-            checkpoint.save(ckpt, step, [], extra={"counter": counter}, keep_last=2)
-        if stop:
-            requeued = handler.should_requeue and handler.requeue()
-            print(f"[toy] rank {rank} preempted at step {step}: saved, requeued={requeued}", flush=True)
-            dist.destroy_process_group()
-            return
-    if rank == 0:
-        (out / "final.json").write_text(json.dumps(
-            {"step": step, "counter": counter, "restart_count": handler.restart_count}))
-    dist.destroy_process_group()
+def _overrides(run_dir: Path, tiny: Path, task: Path, tiny_run: list[str]) -> list[str]:
+    return [f"model.name_or_path={tiny}", f"train.steps={STEPS}", f"logging.run_dir={run_dir}",
+            f"data.embedded_dir={task}", *tiny_run, "logging.eval_every=0", "logging.save_tree_pictures=false",
+            # only the final periodic save: the checkpoint the requeued job resumes from is the signal's
+            f"checkpoint.save_every={STEPS}", "checkpoint.keep_last=2",
+            # raw rewards: non-zero advantages, so every step moves the weights and the Adam state
+            "credit.normalize_leaves=false"]
 
 
-if __name__ == "__main__":  # the checkpoint writer spawns helpers that re-import __main__
-    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
-'''
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _toy(tmp_path: Path) -> Path:
-    path = tmp_path / "toy_loop.py"
-    path.write_text(TOY_LOOP)
-    return path
-
-
-def _uninterrupted(tmp_path: Path, toy: Path) -> dict:
-    """The same loop under plain torchrun, no SLURM, no signal."""
-    out = tmp_path / "reference"
-    out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for var in [v for v in env if v.startswith("SLURM_") or v == "ATPO_STOP_FILE"]:
+def _clean_env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for var in [v for v in env if v.startswith(("SLURM_", "ATPO_"))]:
         env.pop(var)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", str(toy), str(out), str(STEPS), str(SAVE_EVERY), "0"]
-    with open(out / "log.txt", "w") as logf:
-        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    return env
+
+
+def _atpo(args: list[str], cwd: Path, log: Path, timeout: float = 600) -> None:
+    """`atpo ARGS` in its own session (the ranks catch SIGTERM: a timeout kills the whole group)."""
+    with open(log, "w") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "atpo_megatron.cli", *args], cwd=cwd, env=_clean_env(),
+                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            proc.wait(timeout=300)
-        finally:  # the ranks catch SIGTERM (PreemptionHandler): kill the whole session
+            proc.wait(timeout=timeout)
+        finally:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    assert proc.returncode == 0, (out / "log.txt").read_text()[-4000:]
-    return json.loads((out / "final.json").read_text())
+    assert proc.returncode == 0, log.read_text()[-6000:]
+
+
+def _metrics(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows}
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    out = run_dir / "hf_final"
+    _atpo(["convert", "--to-hf", str(run_dir / "checkpoints"), str(out)], run_dir.parent, run_dir / "convert.log")
+    return {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
 
 
 def _job_log(run_dir: Path) -> str:
@@ -118,45 +84,54 @@ def _job_log(run_dir: Path) -> str:
     return logs[0].read_text() if logs else ""
 
 
-def test_usr1_saves_requeues_and_resumes_to_the_uninterrupted_result(slurm_cluster, tmp_path, monkeypatch):
-    toy = _toy(tmp_path)
-    reference = _uninterrupted(tmp_path, toy)
+def test_usr1_saves_requeues_and_resumes_to_the_uninterrupted_run(
+        slurm_cluster, tmp_path, monkeypatch, tiny_llama_dir, tiny_run):
+    task = tmp_path / "task"
+    reference = tmp_path / "reference"
+    _atpo(["train", str(CONFIG), "--nproc-per-node", "2", *_overrides(reference, tiny_llama_dir, task, tiny_run)],
+          tmp_path, tmp_path / "reference.log")
+
     run_dir = tmp_path / "run"
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"logging:\n  run_dir: {run_dir}\n")
+    overrides = _overrides(run_dir, tiny_llama_dir, task, tiny_run)
     monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
     # Every fresh cluster numbers jobs from 1, so the script's default port (20000 + job id) would
     # always be 20001 on this shared machine; an explicit free port avoids a clash.
     options = dict(nodes=1, gpus_per_node=0, nproc_per_node=2, cpus_per_task=slurm_cluster.cpus,
-                   time="15", signal_seconds=120, job_name="toy", workdir=tmp_path, setup=SETUP,
-                   master_port=_free_port(),
-                   program=[sys.executable, toy, run_dir, STEPS, SAVE_EVERY, SLEEP_S])
-    job = submit(cfg, **options)
-    assert (run_dir / "slurm" / "toy.sbatch").read_text() == render_sbatch(cfg, **options)
+                   time="20", signal_seconds=120, job_name="atpo-test", workdir=tmp_path, setup=SETUP,
+                   master_port=free_port())
+    job = submit(CONFIG, overrides, **options)
+    assert (run_dir / "slurm" / "atpo-test.sbatch").read_text() == render_sbatch(CONFIG, overrides, **options)
 
-    # Let it train a few steps, then deliver what --signal=B:USR1@120 delivers 2 min before the limit.
-    slurm_cluster.wait_for(job, "RUNNING", timeout=120,
-                           predicate=lambda: "[toy] step 8 " in _job_log(run_dir))
+    # After step 1, deliver what --signal=B:USR1@120 delivers 2 minutes before the time limit.
+    slurm_cluster.wait_for(job, "RUNNING", timeout=300, predicate=lambda: (run_dir / "metrics.jsonl").is_file())
     slurm_cluster.signal_batch(job, "USR1")
-    slurm_cluster.wait_for(job, "PENDING", "RUNNING", timeout=120,
+    slurm_cluster.wait_for(job, "PENDING", "RUNNING", timeout=300,
                            predicate=lambda: "restart_count=1" in _job_log(run_dir))
-    state = slurm_cluster.wait_until_finished(job, timeout=300)
+    state = slurm_cluster.wait_until_finished(job, timeout=600)
     log = _job_log(run_dir)
-    assert state == "COMPLETED", log[-4000:]
+    assert state == "COMPLETED", log[-6000:]
+    assert slurm_cluster.job(job)["Restarts"] == "1"
 
-    # First run: the shell got USR1, the ranks saved at their next step and requeued the job.
+    # First run: the shell got USR1, the ranks agreed to stop after step p, saved it and requeued.
     first, _, second = log.partition("restart_count=1")
     assert "[atpo] USR1 at" in first and "restart_count=0" in first
-    preempted = [int(line.split("preempted at step ")[1].split(":")[0])
-                 for line in first.splitlines() if "preempted at step" in line]
-    assert len(preempted) == 2 and preempted[0] == preempted[1] and 8 <= preempted[0] < STEPS, first[-3000:]
-    assert "requeued=True" in first
-    # Second run (SLURM_RESTART_COUNT=1): resumed from that checkpoint, finished all steps.
-    assert f"resumed_step={preempted[0]}" in second
-    final = json.loads((run_dir / "final.json").read_text())
-    assert final == {**reference, "restart_count": 1}, (final, reference)
-    assert slurm_cluster.job(job)["Restarts"] == "1"
-    # keep_last=2 after the final save at step 24: 18 and 24 remain.
-    ckpt = run_dir / "ckpt"
+    committed = {int(m) for m in re.findall(r"stop requested: checkpoint of step (\d+) committed", first)}
+    assert len(committed) == 1, first[-4000:]
+    stopped = committed.pop()
+    assert 1 <= stopped < STEPS
+    assert "preemption: scontrol requeue" in first and "(restart 0 -> 1)" in first
+    # Second run: resumed from that checkpoint (not a fresh start) and trained the remaining steps.
+    assert f"SLURM restart 1: resuming at step {stopped}" in second, second[-4000:]
+
+    ref, got = _metrics(reference), _metrics(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        for key in ("actor/loss", "actor/grad_norm", "rollout/reward_mean", "rollout/generated_tokens"):
+            assert got[step][key] == ref[step][key], (step, key, got[step][key], ref[step][key])
+    assert ref[STEPS]["actor/grad_norm"] > 0
+    # keep_last=2: the signal's checkpoint and the final one; the final weights equal the reference's.
+    ckpt = run_dir / "checkpoints"
     assert checkpoint.read_latest(ckpt) == STEPS
-    assert [s for s, _ in checkpoint.list_checkpoints(ckpt)[0]] == [STEPS - SAVE_EVERY, STEPS]
+    assert [s for s, _ in checkpoint.list_checkpoints(ckpt)[0]] == [stopped, STEPS]
+    wa, wb = _weights(reference), _weights(run_dir)
+    assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
