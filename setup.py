@@ -38,7 +38,6 @@ setup(
         "dense": ["sentence-transformers>=5"],
         "vllm": ["vllm>=0.33,<0.34"],
         "te": ["transformer-engine[pytorch]>=2.20"],
-        "slurm": ["nemo-run==0.11.1", "leptonai==0.27.3"],  # leptonai 0.47 breaks `import nemo_run`
     },
     entry_points={"console_scripts": ["atpo=atpo_megatron.cli:main"]},
 )
