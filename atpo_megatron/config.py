@@ -97,6 +97,9 @@ class RolloutConfig:
     """Weight sync streams the actor's weights into the engine in buckets of this size."""
     static_cache: bool = False
     """hf engine on GPU: static KV cache (10x faster decode measured on the H200)."""
+    assistant_prefix: str = ""
+    """Text put (mask 0, never trained) at the start of every trajectory's first turn, e.g. "<search>"
+    to cue a small model to search; empty = none (the paper)."""
 
 
 @dataclass

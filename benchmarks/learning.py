@@ -304,6 +304,7 @@ def base_overrides(args, task: dict[str, str], model: str) -> dict[str, Any]:
         "rollout.max_turn_tokens": 48,
         "rollout.chains": m + l_ * k,
         "rollout.sampling.temperature": 1.0,
+        "rollout.assistant_prefix": args.assistant_prefix,
         "tree.initial_chains": m,
         "tree.expansion_iterations": l_,
         "tree.top_k": k,
@@ -352,7 +353,7 @@ def run_arm(args, name: str, rl_seed: int, overrides: dict[str, Any]) -> dict[st
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     spec = {"name": name, "overrides": {**overrides, "logging.run_dir": str(run_dir)},
-            "token_budget": args.token_budget, "assistant_prefix": args.assistant_prefix}
+            "token_budget": args.token_budget}
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=1) + "\n")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(run_dir / "spec.json")]
@@ -395,7 +396,7 @@ def worker(spec_path: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("megatron", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    prefix, budget = spec["assistant_prefix"], spec["token_budget"]
+    budget = spec["token_budget"]
 
     class BudgetStop:
         """Stands in for the preemption handler: "stop" once the token budget is spent."""
@@ -410,20 +411,11 @@ def worker(spec_path: str) -> int:
             return getattr(self.inner, name)
 
     class BudgetTrainer(Trainer):
-        def _build_rollout(self):
-            super()._build_rollout()
-            if prefix:  # the trainer has no config key for it (yet): rebuild the rollout with it
-                from atpo_megatron.rollout.tree_rollout import TreeRollout
-
-                self.rollout = TreeRollout.from_config(self.engine, self.search, self.cfg, assistant_prefix=prefix)
-
         def evaluate(self):
             """The trainer's greedy evaluation; also keeps its samples (answers) in eval_samples_<n>.json."""
-            import functools
-
             import atpo_megatron.evaluate as ev
 
-            original_rollout, original_evaluate, captured = ev.TreeRollout, ev.evaluate, []
+            original_evaluate, captured = ev.evaluate, []
 
             def keep(*a, **kw):
                 report = original_evaluate(*a, **kw)
@@ -431,12 +423,10 @@ def worker(spec_path: str) -> int:
                 return report
 
             ev.evaluate = keep
-            if prefix:
-                ev.TreeRollout = functools.partial(original_rollout, assistant_prefix=prefix)
             try:
                 out = super().evaluate()
             finally:
-                ev.TreeRollout, ev.evaluate = original_rollout, original_evaluate
+                ev.evaluate = original_evaluate
             self.evals = getattr(self, "evals", 0) + 1
             if self.rank == 0:
                 answers: dict[str, int] = {}

@@ -222,11 +222,11 @@ def tree_vs_chain(args) -> dict:
         search, prefix = FixedSearch(args.result_chars), ""
         budget = args.turns * (args.turn_tokens + args.result_chars + 64) + 200
     rollout_cfg = RolloutConfig(max_prompt_tokens=4096, max_response_tokens=budget, max_turns=args.turns + 4,
-                                tool_call_limit=args.turns + 4)
+                                tool_call_limit=args.turns + 4, assistant_prefix=prefix)
     plans = {"tree": RolloutPlan(M, L, K, advantage="tree"), "chain": RolloutPlan(M + L * K, advantage="grpo")}
     rows = {}
     for mode, plan in plans.items():
-        rollout = TreeRollout(engine, search, rollout_cfg, plan, CreditConfig(), assistant_prefix=prefix)
+        rollout = TreeRollout(engine, search, rollout_cfg, plan, CreditConfig())
         common.sync(args.device)
         t0 = time.perf_counter()
         batch = rollout.rollout(examples, seed=args.seed)

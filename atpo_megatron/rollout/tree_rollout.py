@@ -191,9 +191,9 @@ def rollout_statistics(
 class TreeRollout:
     """Builds the turn trees of a prompt batch and turns them into training sequences.
 
-    ``assistant_prefix``: text inserted (mask 0) at the start of every trajectory's first turn, the
-    first node's observation; empty by default (the paper has none). Tests use "<search>" to make a
-    small model search.
+    ``rollout.assistant_prefix``: text inserted (mask 0) at the start of every trajectory's first
+    turn, the first node's observation; empty by default (the paper has none). Tests use "<search>"
+    to make a small model search.
     """
 
     def __init__(
@@ -205,7 +205,6 @@ class TreeRollout:
         credit: "CreditConfig | None" = None,
         *,
         greedy: bool = False,
-        assistant_prefix: str = "",
         limits: LoopLimits | None = None,
     ):
         if plan.advantage == "tree" and credit is None:
@@ -216,7 +215,7 @@ class TreeRollout:
         self.credit = credit
         self.limits = limits or LoopLimits.from_config(rollout)
         self.loop = AgentLoop(engine, search_client, self.limits, sampling_from_config(rollout, greedy))
-        self.prefix_ids = self.loop.encode(assistant_prefix) if assistant_prefix else []
+        self.prefix_ids = self.loop.encode(rollout.assistant_prefix) if rollout.assistant_prefix else []
 
     @classmethod
     def from_config(cls, engine: Engine, search_client: Any, cfg: "Config", **kwargs) -> "TreeRollout":
@@ -376,8 +375,6 @@ def add_rollout_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default train.seed)")
     parser.add_argument("--split", choices=("train", "eval"), default="train",
                         help="draw the prompts from data.train_files or data.eval_files")
-    parser.add_argument("--assistant-prefix", default="",
-                        help="text inserted (mask 0) at the start of every first turn, e.g. '<search>'")
 
 
 def rollout_main(args) -> int:
@@ -397,7 +394,7 @@ def rollout_main(args) -> int:
     out = Path(args.out)
     with rollout_environment(cfg) as (engine, client):
         examples, _ = split_overlong(examples, engine.tokenizer, cfg.rollout.max_prompt_tokens)
-        batch = TreeRollout.from_config(engine, client, cfg, assistant_prefix=args.assistant_prefix).rollout(
+        batch = TreeRollout.from_config(engine, client, cfg).rollout(
             examples[:n], seed=seed)
         write_trees_json(batch.trees, out / "trees.json", engine.tokenizer, batch.stats)
         write_trees_html(batch.trees, out / "trees.html", engine.tokenizer, batch.stats,

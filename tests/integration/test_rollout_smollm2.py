@@ -3,7 +3,7 @@ over the generated knowledge-base corpus, 2 questions, M=2, L=1, K=1, short budg
 
 SmolLM2-135M does not follow the search protocol on its own (it rambles, and never writes
 ``<search>`` in our tries). The test therefore starts every trajectory's first turn with the masked
-cue ``<search>`` (``TreeRollout(assistant_prefix=...)``, an observation of the first node, never
+cue ``<search>`` (``rollout.assistant_prefix``, an observation of the first node, never
 trained on): about half of the sampled first turns then close it with ``</search>`` within a few
 dozen tokens, so 6 first turns make a real search call all but certain (and the seed fixes it).
 
@@ -53,12 +53,12 @@ def test_tree_rollout_smollm2_real_retriever(tmp_path, one_thread):
     cfg = load_config(None, [
         f"data.embedded_dir={tmp_path / 'task'}", "tree.initial_chains=2", "tree.expansion_iterations=1",
         "tree.top_k=1", "tree.leaves_per_tree=3", "rollout.max_response_tokens=160", "rollout.max_turns=3",
-        "retriever.topk=1", "retriever.max_passage_chars=200",
+        "retriever.topk=1", "retriever.max_passage_chars=200", "rollout.assistant_prefix=<search>",
     ])
     examples = load_examples(cfg, ["embedded"], "train")[:2]
     with rollout_environment(cfg) as (engine, client):
         search = RecordingClient(client)
-        rollout = TreeRollout.from_config(engine, search, cfg, assistant_prefix="<search>")
+        rollout = TreeRollout.from_config(engine, search, cfg)
         batch = rollout.rollout(examples, seed=0)
     tok = engine.tokenizer
     print({k: round(v, 4) for k, v in batch.stats.items()})

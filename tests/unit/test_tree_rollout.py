@@ -38,10 +38,11 @@ def examples(n):
             for i in range(n)]
 
 
-def make_rollout(plan, policy=random_policy, credit=None, **kw):
+def make_rollout(plan, policy=random_policy, credit=None, assistant_prefix="", **kw):
     engine = ScriptedEngine(policy)
     search = FakeSearch()
-    ro = TreeRollout(engine, search, RolloutConfig(), plan, credit or CreditConfig(), **kw)
+    ro = TreeRollout(engine, search, RolloutConfig(assistant_prefix=assistant_prefix), plan,
+                     credit or CreditConfig(), **kw)
     return ro, engine, search
 
 
@@ -267,6 +268,14 @@ def test_evaluate_em_per_source_and_micro_average():
     assert [len(c.prompts) for c in engine.calls] == [3, 3, 3, 3, 2, 2]  # 3 batches x (search, answer)
     assert all(s["turns"] == 2 and s["tool_calls"] == 1 for s in report["samples"])
     assert "Avg." in format_report(report)
+
+
+def test_evaluate_uses_the_configured_assistant_prefix():
+    engine, search = ScriptedEngine(eval_policy), FakeSearch()
+    cfg = load_config(None, ["rollout.assistant_prefix=<search>"])
+    evaluate(engine, search, [QAExample("e0", "question number 0?", ["Paris"], "a")], cfg, progress=False)
+    first_context = engine.calls[0].prompts[0]
+    assert CharTokenizer().decode(first_context).endswith("<search>")  # generation continues after the cue
 
 
 def test_micro_average_weights_by_size():
