@@ -54,6 +54,8 @@ from typing import Any, Iterator, Literal, Sequence
 import numpy as np
 import torch
 
+from .config import UserError
+
 log = logging.getLogger(__name__)
 
 COMPLETE_FILE = "atpo_checkpoint.json"
@@ -68,7 +70,7 @@ SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
 OptimSharding = Literal["fully_reshardable", "dp_reshardable"]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint folder that cannot be used as asked; the message says what to do."""
 
 

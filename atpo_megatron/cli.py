@@ -86,7 +86,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from atpo_megatron.config import ConfigError
+    from atpo_megatron.config import ConfigError, UserError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd = COMMANDS[args.command]
     try:
         return int(getattr(importlib.import_module(cmd.module), cmd.run)(args) or 0)
-    except ConfigError as exc:
-        print(f"atpo {args.command}: configuration error: {exc}", file=sys.stderr)
+    except UserError as exc:  # a config value, a checkpoint folder, an allocation: the message says what to do
+        kind = "configuration error" if isinstance(exc, ConfigError) else "error"
+        print(f"atpo {args.command}: {kind}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -17,7 +17,12 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A problem the user fixes (a config value, a checkpoint folder, an allocation): the CLI prints
+    the message alone, without a traceback, and exits with status 2."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration value that cannot be used; the message names the key."""
 
 

@@ -103,8 +103,12 @@ class Trainer:
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_dir = checkpoint.checkpoint_dir(cfg)
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            except OSError as exc:
+                raise ConfigError(f"logging.run_dir={cfg.logging.run_dir} cannot be written "
+                                  f"({exc.strerror or exc}); choose a folder this job can write") from exc
         self.retriever = None
         self.search_url = self._start_retriever()
         if self.is_leader:

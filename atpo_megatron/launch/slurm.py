@@ -35,10 +35,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, UserError, load_config
 
 
-class SlurmError(ValueError):
+class SlurmError(UserError, ValueError):
     """A job that cannot be rendered or submitted as asked; the message says what to change."""
 
 

@@ -72,3 +72,15 @@ def test_dead_retriever_fails_fast_with_the_url(tmp_path, tiny_llama_dir, tiny_r
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"the retriever at {url} does not answer" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.integration
+def test_unwritable_run_dir_is_one_clear_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = _atpo(["train", str(REPO / "examples/embedded_smollm2.yaml"), f"logging.run_dir={blocker / 'run'}"],
+                 tmp_path, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (f"atpo train: configuration error: logging.run_dir={blocker / 'run'} cannot be written "
+            f"(Not a directory)") in proc.stderr
+    assert "Traceback" not in proc.stderr
