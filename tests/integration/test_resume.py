@@ -7,44 +7,23 @@ data position. Losses, gradient norms and the final weights must be bit-identica
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
+from atpo_cli import exported_weights, read_metrics, run_atpo
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(args: list[str], cwd: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "atpo_megatron.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
-
-
 def _train(run_dir: Path, steps: int, tiny: Path, task: Path, tiny_run: list[str]) -> None:
-    _run(["train", str(REPO / "examples/embedded_smollm2.yaml"), f"model.name_or_path={tiny}",
-          f"train.steps={steps}", f"logging.run_dir={run_dir}", f"data.embedded_dir={task}", *tiny_run,
-          "checkpoint.save_every=1", "logging.eval_every=0", "logging.save_tree_pictures=false",
-          # raw rewards (a random model always gets the format penalty -1): non-zero advantages,
-          # so the update really moves the weights and the Adam state matters for step 2
-          "credit.normalize_leaves=false"], run_dir.parent)
-
-
-def _metrics(run_dir: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows}
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    out = run_dir / "hf_final"
-    _run(["convert", "--to-hf", str(run_dir / "checkpoints"), str(out)], run_dir.parent)
-    return {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    run_atpo(["train", str(REPO / "examples/embedded_smollm2.yaml"), f"model.name_or_path={tiny}",
+              f"train.steps={steps}", f"logging.run_dir={run_dir}", f"data.embedded_dir={task}", *tiny_run,
+              "checkpoint.save_every=1", "logging.eval_every=0", "logging.save_tree_pictures=false",
+              # raw rewards (a random model always gets the format penalty -1): non-zero advantages,
+              # so the update really moves the weights and the Adam state matters for step 2
+              "credit.normalize_leaves=false"], run_dir.parent)
 
 
 @pytest.mark.integration
@@ -57,11 +36,11 @@ def test_stop_and_resume_equals_straight_run(tmp_path, tiny_llama_dir, tiny_run)
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "1"
     _train(resumed, 2, tiny_llama_dir, task, tiny_run)  # same run dir: resumes from step 1 automatically
 
-    a, b = _metrics(straight), _metrics(resumed)
+    a, b = read_metrics(straight), read_metrics(resumed)
     assert sorted(b) == [1, 2]
     for key in ("actor/loss", "actor/grad_norm", "rollout/reward_mean", "rollout/generated_tokens",
                 "actor/input_tokens", "actor/log_ratio_abs_mean"):
         assert a[2][key] == b[2][key], key
     assert a[2]["actor/grad_norm"] > 0  # the steps did train something
-    wa, wb = _weights(straight), _weights(resumed)
+    wa, wb = exported_weights(straight), exported_weights(resumed)
     assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)

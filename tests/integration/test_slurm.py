@@ -10,18 +10,15 @@ weights must equal an uninterrupted run of the same config under plain torchrun 
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from atpo_cli import exported_weights, read_metrics, run_atpo
 from slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 
 from atpo_megatron import checkpoint
@@ -46,39 +43,6 @@ def _overrides(run_dir: Path, tiny: Path, task: Path, tiny_run: list[str]) -> li
             "credit.normalize_leaves=false"]
 
 
-def _clean_env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for var in [v for v in env if v.startswith(("SLURM_", "ATPO_"))]:
-        env.pop(var)
-    return env
-
-
-def _atpo(args: list[str], cwd: Path, log: Path, timeout: float = 600) -> None:
-    """`atpo ARGS` in its own session (the ranks catch SIGTERM: a timeout kills the whole group)."""
-    with open(log, "w") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "atpo_megatron.cli", *args], cwd=cwd, env=_clean_env(),
-                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    assert proc.returncode == 0, log.read_text()[-6000:]
-
-
-def _metrics(run_dir: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows}
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    out = run_dir / "hf_final"
-    _atpo(["convert", "--to-hf", str(run_dir / "checkpoints"), str(out)], run_dir.parent, run_dir / "convert.log")
-    return {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
-
-
 def _job_log(run_dir: Path) -> str:
     logs = sorted((run_dir / "slurm").glob("*.out"))
     return logs[0].read_text() if logs else ""
@@ -88,8 +52,9 @@ def test_usr1_saves_requeues_and_resumes_to_the_uninterrupted_run(
         slurm_cluster, tmp_path, monkeypatch, tiny_llama_dir, tiny_run):
     task = tmp_path / "task"
     reference = tmp_path / "reference"
-    _atpo(["train", str(CONFIG), "--nproc-per-node", "2", *_overrides(reference, tiny_llama_dir, task, tiny_run)],
-          tmp_path, tmp_path / "reference.log")
+    outside_slurm = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "ATPO_"))}
+    run_atpo(["train", CONFIG, "--nproc-per-node", "2", *_overrides(reference, tiny_llama_dir, task, tiny_run)],
+             tmp_path, env=outside_slurm)
 
     run_dir = tmp_path / "run"
     overrides = _overrides(run_dir, tiny_llama_dir, task, tiny_run)
@@ -123,7 +88,7 @@ def test_usr1_saves_requeues_and_resumes_to_the_uninterrupted_run(
     # Second run: resumed from that checkpoint (not a fresh start) and trained the remaining steps.
     assert f"SLURM restart 1: resuming at step {stopped}" in second, second[-4000:]
 
-    ref, got = _metrics(reference), _metrics(run_dir)
+    ref, got = read_metrics(reference), read_metrics(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         for key in ("actor/loss", "actor/grad_norm", "rollout/reward_mean", "rollout/generated_tokens"):
@@ -133,5 +98,5 @@ def test_usr1_saves_requeues_and_resumes_to_the_uninterrupted_run(
     ckpt = run_dir / "checkpoints"
     assert checkpoint.read_latest(ckpt) == STEPS
     assert [s for s, _ in checkpoint.list_checkpoints(ckpt)[0]] == [stopped, STEPS]
-    wa, wb = _weights(reference), _weights(run_dir)
+    wa, wb = exported_weights(reference), exported_weights(run_dir)
     assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from atpo_cli import run_atpo
 from atpo_megatron.env.retriever import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-
-def _atpo(args: list[str], tmp_path: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "atpo_megatron.cli", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.integration
@@ -28,11 +19,10 @@ def _atpo(args: list[str], tmp_path: Path, timeout: float = 600) -> subprocess.C
 @pytest.mark.slow
 def test_two_steps_tp2_write_readable_logs(tmp_path, tiny_llama_dir, tiny_run):
     run_dir = tmp_path / "run"
-    proc = _atpo(["train", str(REPO / "examples/embedded_smollm2.yaml"), "--nproc-per-node", "2",
-                  f"model.name_or_path={tiny_llama_dir}", "parallel.tp=2", "train.steps=2",
-                  "profile.enabled=true", "profile.steps=[2,2]",
-                  f"logging.run_dir={run_dir}", f"data.embedded_dir={tmp_path / 'task'}", *tiny_run], tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_atpo(["train", str(REPO / "examples/embedded_smollm2.yaml"), "--nproc-per-node", "2",
+              f"model.name_or_path={tiny_llama_dir}", "parallel.tp=2", "train.steps=2",
+              "profile.enabled=true", "profile.steps=[2,2]",
+              f"logging.run_dir={run_dir}", f"data.embedded_dir={tmp_path / 'task'}", *tiny_run], tmp_path)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -56,8 +46,8 @@ def test_two_steps_tp2_write_readable_logs(tmp_path, tiny_llama_dir, tiny_run):
 
 @pytest.mark.integration
 def test_bad_config_fails_before_any_launch(tmp_path):
-    proc = _atpo(["train", str(REPO / "examples/embedded_smollm2.yaml"), "--nproc-per-node", "2",
-                  "tree.expansion_mode=greedy"], tmp_path, timeout=60)
+    proc = run_atpo(["train", str(REPO / "examples/embedded_smollm2.yaml"), "--nproc-per-node", "2",
+                    "tree.expansion_mode=greedy"], tmp_path, check=False, timeout=60)
     assert proc.returncode == 2
     assert "tree.expansion_mode='greedy' is not allowed; choose one of 'entropy', 'random'" in proc.stderr
 
@@ -66,9 +56,9 @@ def test_bad_config_fails_before_any_launch(tmp_path):
 @pytest.mark.slow
 def test_dead_retriever_fails_fast_with_the_url(tmp_path, tiny_llama_dir, tiny_run):
     url = f"http://127.0.0.1:{free_port()}/retrieve"  # nothing listens there
-    proc = _atpo(["train", str(REPO / "examples/embedded_smollm2.yaml"), f"model.name_or_path={tiny_llama_dir}",
-                  f"retriever.url={url}", f"logging.run_dir={tmp_path / 'run'}",
-                  f"data.embedded_dir={tmp_path / 'task'}", *tiny_run], tmp_path, timeout=180)
+    proc = run_atpo(["train", str(REPO / "examples/embedded_smollm2.yaml"), f"model.name_or_path={tiny_llama_dir}",
+                    f"retriever.url={url}", f"logging.run_dir={tmp_path / 'run'}",
+                    f"data.embedded_dir={tmp_path / 'task'}", *tiny_run], tmp_path, check=False, timeout=180)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"the retriever at {url} does not answer" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
@@ -78,8 +68,8 @@ def test_dead_retriever_fails_fast_with_the_url(tmp_path, tiny_llama_dir, tiny_r
 def test_unwritable_run_dir_is_one_clear_line(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    proc = _atpo(["train", str(REPO / "examples/embedded_smollm2.yaml"), f"logging.run_dir={blocker / 'run'}"],
-                 tmp_path, timeout=180)
+    proc = run_atpo(["train", str(REPO / "examples/embedded_smollm2.yaml"), f"logging.run_dir={blocker / 'run'}"],
+                    tmp_path, check=False, timeout=180)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert (f"atpo train: configuration error: logging.run_dir={blocker / 'run'} cannot be written "
             f"(Not a directory)") in proc.stderr
