@@ -102,6 +102,9 @@ class RolloutConfig:
     """Weight sync streams the actor's weights into the engine in buckets of this size."""
     static_cache: bool = False
     """hf engine on GPU: static KV cache (10x faster decode measured on the H200)."""
+    prefix_cache_mb: int = 1024
+    """hf engine, dynamic cache: keep the KV of finished contexts (up to this many MiB) and prefill only
+    what a later prompt adds to its longest kept prefix; cleared when the weights change. 0 = off."""
     assistant_prefix: str = ""
     """Text put (mask 0, never trained) at the start of every trajectory's first turn, e.g. "<search>"
     to cue a small model to search; empty = none (the paper)."""
@@ -175,9 +178,33 @@ class TrainConfig:
     micro_batch_tokens: int = 16384
     """Token budget of one micro-batch (dynamic batching by tokens)."""
     seed: int = 1234
+    max_generated_tokens: int = 0
+    """Stop after the step at which the run has generated this many tokens (every rank, from step 1;
+    ``rollout/generated_tokens_total``); 0 = no limit. ``steps`` caps the run either way."""
     kl_coef: float = 0.0
     """The paper trains reference-free (KL 0); > 0 loads a frozen reference model."""
     deterministic: bool = False
+
+
+@dataclass
+class SFTConfig:
+    """``atpo sft``: a short supervised warm start on demonstrations of the agent format (``sft.py``).
+
+    Not in the paper (its 4-8B models follow the format from the prompt alone); a 135M model needs it
+    before RL has any signal."""
+
+    base_model: str = "smollm2-135m-instruct"
+    """The model the warm start begins from (a bundled name or a Hugging Face folder)."""
+    out_dir: str = "runs/sft"
+    """The warm-started Hugging Face folder it writes; point ``model.name_or_path`` at it for ``atpo train``."""
+    steps: int = 6
+    batch_size: int = 4
+    """Demonstrations per optimizer step."""
+    lr: float = 1e-4
+    warmup_steps: int = 1
+    """Linear lr warm-up steps, then constant."""
+    seed: int = 0
+    """Draws the demonstrations' questions and their order."""
 
 
 @dataclass
@@ -224,6 +251,8 @@ class LoggingConfig:
     tensorboard: bool = True
     log_every: int = 1
     eval_every: int = 20
+    eval_before_train: bool = False
+    """Evaluate the initial weights too, logged as step 0 (EM before -> after in ``atpo report``)."""
     save_tree_pictures: bool = True
     peak_tflops: float = 0.0
     """Peak device TFLOP/s for MFU; 0 = detect (known GPUs) or report MFU as 0 on CPU."""
@@ -246,6 +275,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -84,7 +84,6 @@ class Trainer:
         from atpo_megatron.actor.model import build_model
         from atpo_megatron.actor.optimizer import build_optimizer, wrap_ddp
         from atpo_megatron.actor.parallel import init_distributed
-        from atpo_megatron.hub import resolve_model
         from atpo_megatron.launch.preemption import PreemptionHandler
         from atpo_megatron.metrics import MetricsWriter, Profiler, StageTimer
         from atpo_megatron.rollout.agent_loop import split_overlong
@@ -117,7 +116,7 @@ class Trainer:
         if self._saves() or self.ckpt_dir.is_dir():  # a dir from `atpo convert --from-hf` needs no saving
             resume_from = checkpoint.prepare(self.ckpt_dir, cfg.checkpoint.resume)
 
-        self.model_dir = resolve_model(cfg.model.name_or_path) if self.rank == 0 else None
+        self.model_dir = _resolve_model(cfg) if self.rank == 0 else None
         self.model_dir = Path(_broadcast_object(self.model_dir))
         self.hf_config = AutoConfig.from_pretrained(self.model_dir)
         models = build_model(self.hf_config, cfg.model, cfg.parallel)
@@ -140,6 +139,8 @@ class Trainer:
         self.train_data = PromptStream(train, cfg.train.batch_prompts, cfg.train.seed, cfg.data.shuffle)
         self.eval_data = load_examples(cfg, cfg.data.eval_files, "test", cfg.data.eval_limit)
         self.start_step = 0
+        self.generated_tokens = 0.0
+        """Tokens the engines generated since step 1, all leaders together (``train.max_generated_tokens``)."""
         self._trained_lengths: list[int] = []
         if resume_from is not None:
             if checkpoint.read_record(resume_from).get("optim_sharding") is None:  # `atpo convert --from-hf`
@@ -150,6 +151,7 @@ class Trainer:
                                           path=resume_from)
                 self.start_step = resumed.step
                 self.train_data.position = resumed.extra["data_position"]
+                self.generated_tokens = resumed.extra.get("generated_tokens", 0.0)
                 log.info("resumed from %s at step %d", resume_from, resumed.step)
 
         self.engine = self.rollout = self.search = None
@@ -192,7 +194,8 @@ class Trainer:
         cfg = self.cfg
         self.search = SearchClient(self.search_url, topk=cfg.retriever.topk, timeout_s=cfg.retriever.timeout_s,
                                    retries=cfg.retriever.retries, max_chars=cfg.retriever.max_passage_chars)
-        self.engine = make_engine(cfg.rollout, self.model_dir)
+        # the engine samples in the actor's dtype (bf16 on a CPU with AMX is several times faster than fp32)
+        self.engine = make_engine(cfg.rollout, self.model_dir, dtype=getattr(torch, cfg.model.dtype))
         self.rollout = TreeRollout.from_config(self.engine, self.search, cfg)
 
     # -------------------------------------------------------------- the loop
@@ -208,15 +211,21 @@ class Trainer:
         bar = tqdm(range(self.start_step, cfg.train.steps), initial=self.start_step, total=cfg.train.steps,
                    desc="atpo train", disable=self.rank != 0, dynamic_ncols=True)
         try:
+            if cfg.logging.eval_before_train and self.start_step == 0:
+                self._evaluate_initial_weights(step_line)
             for step in bar:
                 self.profiler.step(step + 1)  # steps are numbered from 1, as in the logs
                 last = self.train_one_step(step)
-                if cfg.logging.eval_every and ((step + 1) % cfg.logging.eval_every == 0 or step + 1 == cfg.train.steps):
+                self.generated_tokens += last.get("rollout/generated_tokens", 0.0) * self.dp_size
+                last["rollout/generated_tokens_total"] = self.generated_tokens
+                budget = cfg.train.max_generated_tokens
+                final = step + 1 == cfg.train.steps or (budget > 0 and self.generated_tokens >= budget)
+                if cfg.logging.eval_every and ((step + 1) % cfg.logging.eval_every == 0 or final):
                     with self.timer.stage("eval"):
                         last.update(self.evaluate())
                 last.update(self.timer.pop())
                 last.update(self._throughput(last.get("timing/update_s", 0.0)))
-                if (step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.train.steps:
+                if (step + 1) % cfg.logging.log_every == 0 or final:
                     self.writer.log(step + 1, last)
                 if self.rank == 0:
                     bar.set_postfix_str(step_line(last, step=step + 1), refresh=False)
@@ -224,9 +233,12 @@ class Trainer:
                 checkpoint.finalize_async_saves()
                 stop = self.preemption.should_stop()
                 # A stop always saves (even with save_every=0): the requeued job must resume from it.
-                if stop or (self._saves() and ((step + 1) % max(cfg.checkpoint.save_every, 1) == 0
-                                               or step + 1 == cfg.train.steps)):
+                if stop or (self._saves() and ((step + 1) % max(cfg.checkpoint.save_every, 1) == 0 or final)):
                     self.save(step + 1)
+                if final and step + 1 < cfg.train.steps:
+                    log.info("train.max_generated_tokens=%d reached (%d generated): stopping after step %d",
+                             budget, self.generated_tokens, step + 1)
+                    break
                 if stop:
                     checkpoint.finalize_async_saves(blocking=True)
                     log.warning("stop requested: checkpoint of step %d committed", step + 1)
@@ -237,6 +249,15 @@ class Trainer:
             bar.close()
             self.close()
         return last
+
+    def _evaluate_initial_weights(self, step_line) -> None:
+        """``logging.eval_before_train``: the greedy evaluation of the weights training starts from, as step 0."""
+        with self.timer.stage("eval"):
+            metrics = self.evaluate()
+        metrics.update(self.timer.pop())
+        self.writer.log(0, metrics)
+        if self.rank == 0:
+            log.info(step_line(metrics, step=0))
 
     def train_one_step(self, step: int) -> dict[str, float]:
         """One AT²PO step; returns its metrics (identical on every rank)."""
@@ -336,7 +357,8 @@ class Trainer:
 
         with self.timer.stage("checkpoint"):
             checkpoint.save(self.ckpt_dir, step, self.models, self.optimizer, self.scheduler,
-                            extra={"data_position": self.train_data.position}, config=self.cfg,
+                            extra={"data_position": self.train_data.position,
+                                   "generated_tokens": self.generated_tokens}, config=self.cfg,
                             keep_last=self.cfg.checkpoint.keep_last, async_save=self.cfg.checkpoint.async_save)
 
     def close(self) -> None:
@@ -409,6 +431,19 @@ def _mismatch(sequences: list, actor_logprobs: list) -> dict[str, float]:
         return {}
     d = torch.cat(diffs)
     return {"rollout/logprob_diff_mean": d.mean().item(), "rollout/logprob_diff_max": d.max().item()}
+
+
+def _resolve_model(cfg: Config) -> Path:
+    """``model.name_or_path`` as a folder; a missing warm start says how to write it."""
+    from atpo_megatron.hub import resolve_model
+
+    try:
+        return resolve_model(cfg.model.name_or_path)
+    except FileNotFoundError as exc:
+        if Path(cfg.model.name_or_path) == Path(cfg.sft.out_dir):
+            raise ConfigError(f"model.name_or_path={cfg.model.name_or_path} is sft.out_dir and holds no model "
+                              "yet: write the warm start first with `atpo sft CONFIG` (same config)") from None
+        raise ConfigError(f"model.name_or_path: {exc}") from None
 
 
 def _check_retriever(url: str) -> None:

@@ -128,6 +128,7 @@ def make_engine(cfg: "RolloutConfig", model_path: str | Path, *, device=None, dt
             dtype=dtype,
             generation_batch_size=cfg.generation_batch_size,
             static_cache=cfg.static_cache,
+            prefix_cache_mb=cfg.prefix_cache_mb,
         )
     if cfg.engine == "vllm":
         from atpo_megatron.rollout.vllm_engine import VLLMEngine

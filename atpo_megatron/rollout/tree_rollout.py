@@ -188,6 +188,33 @@ def rollout_statistics(
     return stats
 
 
+def credit_statistics(trees: Sequence[TurnTree], node_advantages: Sequence[Sequence[float]]) -> dict[str, float]:
+    """The ``credit/...`` scalars: how the advantages of one batch are spread over its leaves' turns.
+
+    Every (leaf, turn) pair counts once, as the loss sees it (a shared turn once per leaf below it):
+    ``adv_abs_mean`` = mean |A|; ``adv_std`` = population std of A; ``turn_spread`` = mean over
+    leaves of max - min of A along the leaf's turns (0 when every turn of a trajectory gets the same
+    advantage, as GRPO's outcome advantage does; > 0 when turn-wise credit tells turns apart);
+    ``zero_adv_leaves`` = fraction of leaves whose turns all have A = 0 (no gradient from them).
+    """
+    values, spreads, zero = [], [], 0
+    for tree, adv in zip(trees, node_advantages, strict=True):
+        for leaf in tree.leaves():
+            turns = [adv[i] for i in tree.path(leaf)[1:]]
+            values += turns
+            spreads.append(max(turns) - min(turns))
+            zero += all(a == 0.0 for a in turns)
+    if not values:
+        return {}
+    mean = sum(values) / len(values)
+    return {
+        "credit/adv_abs_mean": sum(abs(a) for a in values) / len(values),
+        "credit/adv_std": math.sqrt(sum((a - mean) ** 2 for a in values) / len(values)),
+        "credit/turn_spread": sum(spreads) / len(spreads),
+        "credit/zero_adv_leaves": zero / len(spreads),
+    }
+
+
 class TreeRollout:
     """Builds the turn trees of a prompt batch and turns them into training sequences.
 
@@ -288,15 +315,17 @@ class TreeRollout:
         t0 = time.perf_counter()
         trees = self.build_trees(examples, seed, gen)
         produced = produced_leaf_stats(trees)
-        sequences, em = [], []
+        sequences, em, advantages = [], [], []
         for k, tree in enumerate(trees):
             tree.sample_leaves(self.plan.leaves_per_tree, gen)
             em += self.score_leaves(tree)
-            for row in tree.training_sequences(self.node_advantages(tree)):
+            advantages.append(self.node_advantages(tree))
+            for row in tree.training_sequences(advantages[-1]):
                 row.tree_index = k
                 sequences.append(row)
         loop = self.loop.stats.since(before)
         stats = rollout_statistics(trees, produced, loop, em)
+        stats.update(credit_statistics(trees, advantages))
         stats["rollout/total_s"] = time.perf_counter() - t0
         return RolloutBatch(trees, sequences, stats, loop)
 
@@ -315,12 +344,11 @@ def _generator(seed: int | None) -> torch.Generator:
 # `atpo eval`; the trainer can use them too)
 
 @contextlib.contextmanager
-def rollout_environment(cfg: "Config", engine: Engine | None = None):
-    """Yield ``(engine, search_client)`` for ``cfg``; starts/stops the embedded retriever.
+def search_environment(cfg: "Config"):
+    """Yield a ``SearchClient`` for ``cfg.retriever``; starts/stops the embedded retriever.
 
     ``retriever.url == "embedded"`` starts ``env.retriever.RetrieverServer`` on a free loopback port
     over ``retriever.corpus`` (empty = the generated task's corpus, written if needed).
-    ``engine``: reuse one (tests); otherwise ``make_engine(cfg.rollout, resolve_model(cfg.model...))``.
     """
     from atpo_megatron.env.search_tool import SearchClient
 
@@ -333,14 +361,23 @@ def rollout_environment(cfg: "Config", engine: Engine | None = None):
             server = stack.enter_context(RetrieverServer(corpus, backend=cfg.retriever.backend, topk=cfg.retriever.topk))
             url = server.url
             log.info("embedded retriever (%s over %s) at %s", cfg.retriever.backend, corpus, url)
-        client = stack.enter_context(SearchClient(url, topk=cfg.retriever.topk, timeout_s=cfg.retriever.timeout_s,
-                                                  retries=cfg.retriever.retries,
-                                                  max_chars=cfg.retriever.max_passage_chars))
+        yield stack.enter_context(SearchClient(url, topk=cfg.retriever.topk, timeout_s=cfg.retriever.timeout_s,
+                                               retries=cfg.retriever.retries,
+                                               max_chars=cfg.retriever.max_passage_chars))
+
+
+@contextlib.contextmanager
+def rollout_environment(cfg: "Config", engine: Engine | None = None):
+    """Yield ``(engine, search_client)`` for ``cfg`` (see :func:`search_environment`).
+
+    ``engine``: reuse one (tests); otherwise ``make_engine`` for ``model.name_or_path`` in ``model.dtype``.
+    """
+    with search_environment(cfg) as client:
         if engine is None:
             from atpo_megatron.hub import resolve_model
             from atpo_megatron.rollout.engine import make_engine
 
-            engine = make_engine(cfg.rollout, resolve_model(cfg.model.name_or_path))
+            engine = make_engine(cfg.rollout, resolve_model(cfg.model.name_or_path), dtype=getattr(torch, cfg.model.dtype))
         yield engine, client
 
 
