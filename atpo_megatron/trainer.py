@@ -348,7 +348,8 @@ class Trainer:
         dist.all_gather_object(gathered, samples)
         report = summarize([s for part in gathered for s in part])
         out = {"eval/em_avg": report["avg"]["em"], "eval/f1_avg": report["avg"]["f1"],
-               "eval/turns_avg": report["avg"]["turns"], "eval/tool_calls_avg": report["avg"]["tool_calls"]}
+               "eval/turns_avg": report["avg"]["turns"], "eval/tool_calls_avg": report["avg"]["tool_calls"],
+               "eval/distinct_answers": report["avg"]["distinct_answers"]}
         out.update({f"eval/em_{src}": r["em"] for src, r in report["per_source"].items()})
         return out
 

@@ -285,6 +285,7 @@ def test_evaluate_em_per_source_and_micro_average():
     assert report["per_source"]["a"]["em"] == pytest.approx(0.5) and report["per_source"]["a"]["n"] == 6
     assert report["per_source"]["b"]["em"] == pytest.approx(0.5) and report["per_source"]["b"]["n"] == 2
     assert report["avg"]["em"] == pytest.approx(4 / 8) and report["avg"]["f1"] == pytest.approx(4 / 8)
+    assert report["avg"]["distinct_answers"] == 2 and report["per_source"]["b"]["distinct_answers"] == 2
     assert all(c.params.temperature == 0.0 for c in engine.calls)
     assert [len(c.prompts) for c in engine.calls] == [3, 3, 3, 3, 2, 2]  # 3 batches x (search, answer)
     assert all(s["turns"] == 2 and s["tool_calls"] == 1 for s in report["samples"])
