@@ -197,9 +197,9 @@ class SFTConfig:
     """The model the warm start begins from (a bundled name or a Hugging Face folder)."""
     out_dir: str = "runs/sft"
     """The warm-started Hugging Face folder it writes; point ``model.name_or_path`` at it for ``atpo train``."""
-    steps: int = 6
-    batch_size: int = 4
-    """Demonstrations per optimizer step."""
+    steps: int = 8
+    batch_size: int = 3
+    """Demonstrations per optimizer step, drawn from the data sources (hop counts) in turn."""
     lr: float = 1e-4
     warmup_steps: int = 1
     """Linear lr warm-up steps, then constant."""

@@ -48,8 +48,8 @@ log = logging.getLogger("atpo.sft")
 THINK = "<think> I need to search. </think>"
 """The reasoning of every demonstration's first turn."""
 MANIFEST = "sft.json"
-VERSION = 1
-"""Bump when the demonstrations' text changes (a cached folder is then retrained)."""
+VERSION = 2
+"""Bump when the demonstrations or their draw change (a cached folder is then retrained)."""
 
 
 class DemonstrationError(UserError):
@@ -133,6 +133,19 @@ def nll(model, batch: Sequence[tuple[list[int], list[int]]], pad_id: int, autoca
     return torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][trained[:, 1:]])
 
 
+def draw_questions(rows: Sequence[dict[str, Any]], steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Row indices of every step's batch: the data sources (hop counts) take turns, the question within
+    one is drawn at random. Sources are balanced so that a rare one (63 of the generated task's 500
+    training questions are 3-hop) is not missing from a short warm start."""
+    rng = random.Random(seed)
+    by_source: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_source.setdefault(str(r.get("data_source", "")), []).append(i)
+    sources = sorted(by_source)
+    draws = [rng.choice(by_source[sources[n % len(sources)]]) for n in range(steps * batch_size)]
+    return [draws[k:k + batch_size] for k in range(0, len(draws), batch_size)]
+
+
 def spec_of(cfg: Config) -> dict[str, Any]:
     """Everything the warm start depends on: a folder trained from the same spec is reused."""
     from atpo_megatron.env.data import GENERATOR_VERSION
@@ -158,10 +171,9 @@ def warm_start(cfg: Config, out_dir: Path, force: bool = False) -> dict[str, Any
         log.info("%s already holds this warm start (same spec); reusing it (--force retrains)", out_dir)
         return json.loads(manifest.read_text())
     t0 = time.perf_counter()
-    rng = random.Random(s.seed)
     rows = [r for f in cfg.data.train_files
             for r in reference_rows(embedded_task(cfg).train if f == "embedded" else f)]
-    picks = [[rng.randrange(len(rows)) for _ in range(s.batch_size)] for _ in range(s.steps)]
+    picks = draw_questions(rows, s.steps, s.batch_size, s.seed)
     used = sorted({i for batch in picks for i in batch})
     base = resolve_model(s.base_model)
     tok = AutoTokenizer.from_pretrained(base)

@@ -9,7 +9,7 @@ from atpo_megatron.config import load_config
 from atpo_megatron.env.prompts import format_tool_result
 from atpo_megatron.hub import resolve_model
 from atpo_megatron.rollout.agent_loop import encode_prompt
-from atpo_megatron.sft import THINK, DemonstrationError, demonstration, nll, reference_rows, spec_of
+from atpo_megatron.sft import THINK, DemonstrationError, demonstration, draw_questions, nll, reference_rows, spec_of
 
 ROW = {"question": "Who founded the company that built the Varlo Bridge?", "golden_answers": ["Krigri Tesh"],
        "metadata": {"hops": [{"query": "Varlo Bridge built by"}, {"query": "Orvane Works founded by"}]}}
@@ -81,3 +81,11 @@ def test_spec_changes_with_what_the_demonstrations_depend_on():
     assert spec_of(load_config(None, ["retriever.topk=2"])) != base
     assert spec_of(load_config(None, ["rollout.assistant_prefix=<think>"])) != base
     assert spec_of(load_config(None, ["optimizer.lr=0.5"])) == base  # RL's lr does not matter here
+
+
+def test_questions_are_drawn_in_turn_from_each_source():
+    rows = [{"data_source": "a"}] * 8 + [{"data_source": "b"}] * 3 + [{"data_source": "c"}]
+    picks = draw_questions(rows, steps=4, batch_size=3, seed=0)
+    assert [len(b) for b in picks] == [3, 3, 3, 3]
+    assert [[rows[i]["data_source"] for i in b] for b in picks] == [["a", "b", "c"]] * 4
+    assert picks == draw_questions(rows, steps=4, batch_size=3, seed=0)  # seeded
