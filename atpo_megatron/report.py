@@ -34,15 +34,15 @@ Rows = dict[int, dict[str, float]]  # step -> {tag: value}
 
 LEARNING: tuple[tuple[str, str], ...] = (
     ("reward", REWARD_TAG),
-    ("training EM", EM_TAG),
-    ("format failures", FORMAT_FAILURE_TAG),
-    ("tool calls / leaf", TOOL_CALLS_TAG),
-    ("turns / leaf", "rollout/turns_per_leaf"),
+    ("train EM", EM_TAG),
+    ("format fail", FORMAT_FAILURE_TAG),
+    ("tools/leaf", TOOL_CALLS_TAG),
+    ("turns/leaf", "rollout/turns_per_leaf"),
     ("equal-reward trees", "rollout/uniform_reward_trees"),
     ("token saving", "rollout/token_saving"),
-    ("turn-adv. spread", "credit/turn_spread"),
+    ("adv. spread", "credit/turn_spread"),
     ("H_turn", "actor/turn_kl_entropy"),
-    ("clip fraction", CLIP_TAG),
+    ("clip frac", CLIP_TAG),
     ("|log ratio|", "actor/log_ratio_abs_mean"),
     ("eval EM", EVAL_EM_TAG),
 )
@@ -269,7 +269,7 @@ def report_main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # a CI log is no 80-column terminal
     try:
         rows = load_metrics(args.run_dir)
     except ReportError as e:

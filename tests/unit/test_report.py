@@ -74,13 +74,13 @@ def test_learning_summary_and_table(tmp_path, capsys):
     rows = load_metrics(tmp_path / "run")
     table = dict(learning_summary(rows))
     # 6 steps: k = 2, means of steps 1-2 and 5-6
-    assert table["training EM (rollout/em)"] == "0.150 -> 0.650 (mean of first / last 2 of 6 steps)"
-    assert table["format failures (rollout/format_failure_rate)"].startswith("0.450 -> 0.050")
+    assert table["train EM (rollout/em)"] == "0.150 -> 0.650 (mean of first / last 2 of 6 steps)"
+    assert table["format fail (rollout/format_failure_rate)"].startswith("0.450 -> 0.050")
     assert table["reward (rollout/reward_mean)"].startswith("-0.300 -> 0.600")
     assert table["eval EM before -> after"] == "0.250 (step 0) -> 0.750 (step 6)"
-    assert "tool calls / leaf (rollout/tool_calls_per_leaf)" not in table  # never logged
+    assert "tools/leaf (rollout/tool_calls_per_leaf)" not in table  # never logged
     header, body = learning_table(rows, max_rows=4)
-    assert header == ["step", "reward", "training EM", "format failures", "turn-adv. spread", "eval EM"]
+    assert header == ["step", "reward", "train EM", "format fail", "adv. spread", "eval EM"]
     assert [r[0] for r in body] == ["0", "2", "4", "6"]  # evenly spread over steps 0..6
     assert body[0] == ["0", "", "", "", "", "0.25"] and body[-1] == ["6", "0.7", "0.7", "0", "0.5", "0.75"]
     assert main([str(tmp_path / "run")]) == 0
