@@ -5,8 +5,9 @@
     python benchmarks/learning.py --gpu --model /models/Qwen3-4B --nproc-per-node 8   # the paper's setting
 
 Every run is a real ``atpo train`` subprocess (the Megatron actor, the rollout engine, the embedded
-BM25 retriever server, the paper's reward) on ``examples/embedded_smollm2.yaml`` plus the overrides
-of :func:`base_overrides` and of its arm, in its own folder ``<out>/<arm>_s<seed>/``:
+BM25 retriever server, the paper's reward) on ``examples/embedded_smollm2.yaml`` (``--gpu``:
+``examples/paper_qwen3_4b.yaml``) plus the overrides of :func:`base_overrides` and of its arm, in its
+own folder ``<out>/<arm>_s<seed>/``:
 
     atpo-entropy    trees, entropy-guided expansion, turn-wise credit, ATPO loss   (AT²PO)
     atpo-random     the same trees with random expansion                       (expansion ablation)
@@ -55,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG = REPO_ROOT / "examples" / "embedded_smollm2.yaml"
+CONFIGS = {"cpu": REPO_ROOT / "examples" / "embedded_smollm2.yaml", "gpu": REPO_ROOT / "examples" / "paper_qwen3_4b.yaml"}
 
 ARMS: dict[str, dict[str, Any]] = {
     "atpo-entropy": {"rollout.mode": "tree", "tree.expansion_mode": "entropy", "loss.name": "atpo"},
@@ -73,10 +74,10 @@ CLAIMS = {  # the paper's ordering (Tables 1-2), as "AT²PO beats <arm>"
 }
 
 PRESETS = {
-    "cpu": dict(model="warm-start", tree="2,2,2", batch_prompts=4, lr=3e-5, token_budget=3000, steps=30,
-                eval_limit=30, max_response_tokens=512, rl_seeds="0,1,2,3,4", nproc_per_node=0),
-    "gpu": dict(model=None, tree="10,2,6", batch_prompts=32, lr=1e-6, token_budget=4_000_000, steps=240,
-                eval_limit=200, max_response_tokens=6192, rl_seeds="0,1,2,3,4", nproc_per_node=8),
+    "cpu": dict(model="warm-start", tree="2,2,2", batch_prompts=3, mini_batch_prompts=1, lr=3e-5, token_budget=6000,
+                steps=30, eval_limit=24, max_response_tokens=512, rl_seeds="0,1,2,3,4", nproc_per_node=0),
+    "gpu": dict(model=None, tree="10,2,6", batch_prompts=32, mini_batch_prompts=8, lr=1e-6, token_budget=4_000_000,
+                steps=240, eval_limit=200, max_response_tokens=6192, rl_seeds="0,1,2,3,4", nproc_per_node=8),
 }
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086]
@@ -94,6 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--token-budget", type=int, default=None, help="generated tokens per run (all ranks)")
     p.add_argument("--steps", type=int, default=None, help="at most this many steps per run")
     p.add_argument("--batch-prompts", type=int, default=None, help="prompts per step")
+    p.add_argument("--mini-batch-prompts", type=int, default=None, help="prompts per optimizer step")
     p.add_argument("--tree", default=None, metavar="M,L,K", help="M chains, L rounds of K branches; chain arms "
                                                                  "draw M+L*K chains")
     p.add_argument("--lr", type=float, default=None, help="one constant learning rate for every arm")
@@ -130,6 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.json = args.json or str(REPO_ROOT / "benchmarks" / "results" / f"learning_{kind}.json")
     args.png = args.png or str(Path(args.json).with_suffix(".png"))
     args.out = Path(args.out).resolve()
+    args.config = str(CONFIGS[kind])
     return args
 
 
@@ -153,7 +156,8 @@ def prepare_task(args) -> dict[str, str]:
 
 
 def atpo(args, command: list[str], log: Path, threads: int | None = None) -> subprocess.Popen:
-    """Start ``python -m atpo_megatron.cli COMMAND`` (this checkout) with its output in ``log``."""
+    """Start ``python -m atpo_megatron.cli COMMAND`` (this checkout) with its output in ``log``; the warm start
+    and the first evaluation run alone and get the threads of all parallel runs."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads or args.threads), TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -169,21 +173,18 @@ def finish(proc: subprocess.Popen, log: Path, what: str) -> None:
 
 def common_overrides(args, task: dict[str, str]) -> list[str]:
     """What the warm start, the before-evaluation and every run share."""
-    o = [f"data.embedded_dir={task['dir']}", f"data.embedded_seed={args.task_seed}",
-         f"retriever.corpus={task['corpus']}", f"rollout.max_response_tokens={args.max_response_tokens}",
-         f"rollout.engine={args.engine}"]
-    if args.gpu:
-        o += ["model.dtype=bfloat16", "retriever.topk=3"]
-    return o
+    return [f"data.embedded_dir={task['dir']}", f"data.embedded_seed={args.task_seed}", "retriever.url=embedded",
+            f"retriever.corpus={task['corpus']}", f"rollout.max_response_tokens={args.max_response_tokens}",
+            f"rollout.engine={args.engine}"]
 
 
 def warm_start(args, task: dict[str, str]) -> str:
     """``atpo sft`` with the main job's config (reused when ``<out>/warm_start`` holds the same spec)."""
     out = args.out / "warm_start"
     log = args.out / "warm_start.log"
-    print(f"warm start: atpo sft {CONFIG.name} -> {out}", flush=True)
-    finish(atpo(args, ["sft", str(CONFIG), *common_overrides(args, task), f"sft.out_dir={out}"], log, threads=2),
-           log, "atpo sft")
+    print(f"warm start: atpo sft {Path(args.config).name} -> {out}", flush=True)
+    finish(atpo(args, ["sft", args.config, *common_overrides(args, task), f"sft.out_dir={out}"], log,
+                threads=args.threads * args.parallel), log, "atpo sft")
     return str(out)
 
 
@@ -191,9 +192,9 @@ def evaluate_before(args, task: dict[str, str], model: str) -> dict[str, Any]:
     """Greedy EM of the starting model on the held-out questions (identical for every arm and seed)."""
     path, log = args.out / "eval_before.json", args.out / "eval_before.log"
     if not (args.reuse and path.is_file()):
-        finish(atpo(args, ["eval", str(CONFIG), *common_overrides(args, task), f"model.name_or_path={model}",
+        finish(atpo(args, ["eval", args.config, *common_overrides(args, task), f"model.name_or_path={model}",
                            "--data", task["test"], "--limit", str(args.eval_limit), "--out", str(path),
-                           "--no-progress"], log, threads=2), log, "atpo eval")
+                           "--no-progress"], log, threads=args.threads * args.parallel), log, "atpo eval")
     report = json.loads(path.read_text())
     return {"em": report["avg"]["em"], "distinct_answers": report["avg"]["distinct_answers"],
             "n": report["avg"]["n"], "tool_calls": report["avg"]["tool_calls"],
@@ -201,13 +202,13 @@ def evaluate_before(args, task: dict[str, str], model: str) -> dict[str, Any]:
 
 
 def base_overrides(args, task: dict[str, str], model: str) -> list[str]:
-    """The config every run shares, on top of examples/embedded_smollm2.yaml."""
+    """The config every run shares, on top of the preset's example config."""
     m, l_, k = args.m, args.l, args.k
     return [*common_overrides(args, task), f"model.name_or_path={model}",
             f"tree.initial_chains={m}", f"tree.expansion_iterations={l_}", f"tree.top_k={k}",
             f"tree.leaves_per_tree={m + l_ * k}", f"rollout.chains={m + l_ * k}",
             f"train.steps={args.steps}", f"train.batch_prompts={args.batch_prompts}",
-            f"train.mini_batch_prompts={max(1, args.batch_prompts // 2)}",
+            f"train.mini_batch_prompts={args.mini_batch_prompts}",
             f"train.max_generated_tokens={args.token_budget}",
             f"optimizer.lr={args.lr}", f"optimizer.min_lr={args.lr}", "optimizer.lr_decay_style=constant",
             f"data.train_files=[{task['train']}]", f"data.eval_files=[{task['test']}]",
@@ -233,7 +234,7 @@ def start_run(args, base: list[str], arm: str, seed: int) -> dict[str, Any] | No
         shutil.rmtree(folder)
     overrides = base + [f"{k}={v}" for k, v in ARMS[arm].items()] + [f"train.seed={1234 + seed}",
                                                                       f"logging.run_dir={folder}"]
-    command = ["train", str(CONFIG), *overrides]
+    command = ["train", args.config, *overrides]
     if args.nproc_per_node:
         command += ["--nproc-per-node", str(args.nproc_per_node)]
     print(f"[{arm} seed {seed}] atpo {' '.join(command)}", flush=True)
