@@ -109,7 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/learning", help="task, warm start and one folder per run")
     p.add_argument("--json", default=None, help="results (default benchmarks/results/learning_<cpu|gpu>.json)")
     p.add_argument("--png", default=None, help="curves (default: next to --json)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of every subprocess (OMP_NUM_THREADS; on a shared CPU 1 is the robust choice: "
+                        "2 threads ran several times slower whenever another job held a core)")
     p.add_argument("--parallel", type=int, default=1, help="runs at once")
     p.add_argument("--reuse", action="store_true", help="keep the runs whose folder holds a finished summary")
     args = p.parse_args(argv)
@@ -155,10 +157,9 @@ def prepare_task(args) -> dict[str, str]:
     return paths
 
 
-def atpo(args, command: list[str], log: Path, threads: int | None = None) -> subprocess.Popen:
-    """Start ``python -m atpo_megatron.cli COMMAND`` (this checkout) with its output in ``log``; the warm start
-    and the first evaluation run alone and get the threads of all parallel runs."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads or args.threads), TOKENIZERS_PARALLELISM="false",
+def atpo(args, command: list[str], log: Path) -> subprocess.Popen:
+    """Start ``python -m atpo_megatron.cli COMMAND`` (this checkout) with its output in ``log``."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -183,8 +184,7 @@ def warm_start(args, task: dict[str, str]) -> str:
     out = args.out / "warm_start"
     log = args.out / "warm_start.log"
     print(f"warm start: atpo sft {Path(args.config).name} -> {out}", flush=True)
-    finish(atpo(args, ["sft", args.config, *common_overrides(args, task), f"sft.out_dir={out}"], log,
-                threads=args.threads * args.parallel), log, "atpo sft")
+    finish(atpo(args, ["sft", args.config, *common_overrides(args, task), f"sft.out_dir={out}"], log), log, "atpo sft")
     return str(out)
 
 
@@ -194,7 +194,7 @@ def evaluate_before(args, task: dict[str, str], model: str) -> dict[str, Any]:
     if not (args.reuse and path.is_file()):
         finish(atpo(args, ["eval", args.config, *common_overrides(args, task), f"model.name_or_path={model}",
                            "--data", task["test"], "--limit", str(args.eval_limit), "--out", str(path),
-                           "--no-progress"], log, threads=args.threads * args.parallel), log, "atpo eval")
+                           "--no-progress"], log), log, "atpo eval")
     report = json.loads(path.read_text())
     return {"em": report["avg"]["em"], "distinct_answers": report["avg"]["distinct_answers"],
             "n": report["avg"]["n"], "tool_calls": report["avg"]["tool_calls"],

@@ -35,3 +35,23 @@ def test_paired_comparison_and_verdicts():
     gains = learning.per_arm(runs, {"em": 0.35})
     assert [a["arm"] for a in gains] == ["atpo-entropy", "grpo-chain", "atpo-random"]
     assert gains[0]["eval_gain"][0] == pytest.approx(0.5 - 0.35)
+
+
+@pytest.mark.parametrize("preset", [[], ["--gpu", "--model", "/models/Qwen3-4B"]])
+def test_every_arm_is_a_valid_atpo_train_config(preset, tmp_path):
+    from atpo_megatron.config import load_config
+
+    args = learning.parse_args([*preset, "--out", str(tmp_path)])
+    task = {"dir": str(tmp_path / "task"), "corpus": "corpus.jsonl", "train": "train.jsonl", "test": "test.jsonl"}
+    base = learning.base_overrides(args, task, args.model)
+    for arm, keys in learning.ARMS.items():
+        cfg = load_config(args.config, base + [f"{k}={v}" for k, v in keys.items()])
+        assert cfg.train.max_generated_tokens == args.token_budget and cfg.optimizer.lr == args.lr
+        assert cfg.rollout.mode == keys["rollout.mode"] and cfg.loss.name == keys["loss.name"]
+        assert cfg.tree.leaves_per_tree == cfg.rollout.chains  # chains arms: as many leaves as a tree
+    m, l_, k = (cfg.tree.initial_chains, cfg.tree.expansion_iterations, cfg.tree.top_k)
+    if preset:  # the paper's setting (spec §6)
+        assert (m, l_, k) == (10, 2, 6) and cfg.model.dtype == "bfloat16" and cfg.rollout.engine == "vllm"
+        assert cfg.optimizer.lr == 1e-6 and cfg.retriever.topk == 3 and cfg.rollout.max_response_tokens == 6192
+    else:
+        assert (m, l_, k) == (2, 2, 2) and cfg.model.name_or_path == "warm-start"
