@@ -94,12 +94,24 @@ class RolloutConfig:
     generation_batch_size: int = 64
     """Contexts per engine.generate call (hf engine); vLLM schedules its own batches."""
     tp_size: int = 1
-    """Tensor-parallel size of the inference engine (vLLM)."""
+    """Ranks per rollout engine (vLLM tensor parallelism), independent of the actor's TP x PP: every
+    rank of the job builds an engine, and each group of tp_size consecutive ranks samples its own share
+    of the prompts (``rollout/placement.py``)."""
+    vllm_executor: Literal["auto", "mp", "external_launcher"] = "auto"
+    """Where vLLM runs: in this process (external_launcher: device tensors handed over, no copy), or in
+    child processes (mp: vLLM's default); auto = external_launcher in a multi-rank job, mp alone."""
     gpu_memory_utilization: float = 0.6
-    enable_sleep: bool = True
-    """Colocated mode: the engine frees its memory while the actor trains."""
+    kv_cache_memory_bytes: int = 0
+    """vLLM KV cache size in bytes; 0 = size it from gpu_memory_utilization (then the engine must be
+    built while that fraction of the device is free)."""
+    enable_sleep: bool | Literal["auto"] = "auto"
+    """Colocated mode: the engine frees its memory while the actor trains (vLLM sleep mode: CUDA only;
+    auto = where the platform has it)."""
     sync_bucket_mb: int = 512
     """Weight sync streams the actor's weights into the engine in buckets of this size."""
+    verify_weights_every: int = 0
+    """Every N weight syncs, fingerprint every tensor the engine received against the actor's and stop
+    the run naming a corrupted one (0 = never; the first sync is checked whenever N > 0)."""
     static_cache: bool = False
     """hf engine on GPU: static KV cache (10x faster decode measured on the H200)."""
     assistant_prefix: str = ""

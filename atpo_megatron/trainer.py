@@ -3,13 +3,14 @@
     rollout (trees or chains) -> rewards -> turn-wise credit -> old log-probs -> PPO mini-batches
       -> weight sync -> [greedy evaluation] -> logging -> [checkpoint] -> next step
 
-Who does what. Every rank holds its Megatron shard of the actor. The first rank of each
-model-parallel group (TP rank 0, PP rank 0: the "DP leader") also holds a rollout engine and samples
-the trees of its share of the prompts; the sequences of all leaders are then gathered on every
-rank, because ``actor.train_step`` splits a mini-batch across DP ranks by tokens itself (and so keeps
-the loss exactly seq-mean-token-mean over the whole mini-batch). After the update the actor's
-weights are gathered layer by layer into Hugging Face layout and streamed in buckets into every
-leader's engine (``weights.sync``); the engine sleeps while the actor trains.
+Who does what. Every rank holds its Megatron shard of the actor and one rollout engine on its own
+device (SPMD colocated rollouts, ``rollout/placement.py``): ``rollout.tp_size`` consecutive ranks form
+one engine, and each engine samples the trees of its share of the prompts. The sequences of all
+engines are then gathered on every rank, because ``actor.train_step`` splits a mini-batch across DP
+ranks by tokens itself (and so keeps the loss exactly seq-mean-token-mean over the whole
+mini-batch). After the update the actor's weights are gathered layer by layer into Hugging Face
+layout on every rank and streamed into its engine (``weights.sync``); engines sleep while the actor
+trains.
 
 This module knows every other one, thinly: the algorithm lives in ``algo``, the environment in
 ``env``, sampling in ``rollout``, the model and its update in ``actor``.
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from atpo_megatron.config import Config, ConfigError, dump_config, load_config
+from atpo_megatron.rollout_groups import GroupSearch, RolloutRank, gather_rollouts
 
 log = logging.getLogger("atpo.train")
 
@@ -76,7 +78,6 @@ class Trainer:
     """Builds the actor, the engine and the environment from a ``Config``; ``fit()`` runs the loop."""
 
     def __init__(self, cfg: Config):
-        from megatron.core import parallel_state
         from transformers import AutoConfig, AutoTokenizer
 
         from atpo_megatron import checkpoint
@@ -91,15 +92,9 @@ class Trainer:
         from atpo_megatron.rollout.tree_rollout import load_examples
 
         self.cfg = cfg
-        self.dp_size = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, seed=cfg.train.seed)
+        init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, seed=cfg.train.seed)
         self.rank = dist.get_rank()
-        self.is_leader = parallel_state.get_model_parallel_group().rank() == 0
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        if cfg.train.batch_prompts % self.dp_size:
-            raise ConfigError(
-                f"train.batch_prompts={cfg.train.batch_prompts} must be divisible by the data-parallel "
-                f"size {self.dp_size} (each DP leader samples an equal share of the prompts)"
-            )
+        self.ranks = RolloutRank.from_job(cfg)
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_dir = checkpoint.checkpoint_dir(cfg)
         if self.rank == 0:
@@ -111,7 +106,7 @@ class Trainer:
                                   f"({exc.strerror or exc}); choose a folder this job can write") from exc
         self.retriever = None
         self.search_url = self._start_retriever()
-        if self.is_leader:
+        if self.ranks.reports:
             _check_retriever(self.search_url)
         resume_from = None
         if self._saves() or self.ckpt_dir.is_dir():  # a dir from `atpo convert --from-hf` needs no saving
@@ -120,6 +115,10 @@ class Trainer:
         self.model_dir = resolve_model(cfg.model.name_or_path) if self.rank == 0 else None
         self.model_dir = Path(_broadcast_object(self.model_dir))
         self.hf_config = AutoConfig.from_pretrained(self.model_dir)
+        # the engine first: vLLM sizes its KV cache from the device memory that is free when it starts
+        self.engine = self.rollout = self.search = None
+        self._build_rollout()
+        self.syncs = 0
         models = build_model(self.hf_config, cfg.model, cfg.parallel)
         if resume_from is None and cfg.checkpoint.load_hf_init:
             from atpo_megatron.weights.hf_bridge import load_hf_weights
@@ -152,9 +151,6 @@ class Trainer:
                 self.train_data.position = resumed.extra["data_position"]
                 log.info("resumed from %s at step %d", resume_from, resumed.step)
 
-        self.engine = self.rollout = self.search = None
-        if self.is_leader:
-            self._build_rollout()
         self.sync_weights()  # the engine samples from the actor's exact weights from step one
 
         self.timer = StageTimer()
@@ -186,13 +182,16 @@ class Trainer:
 
     def _build_rollout(self) -> None:
         from atpo_megatron.env.search_tool import SearchClient
-        from atpo_megatron.rollout.engine import make_engine
+        from atpo_megatron.rollout.factory import make_engine
         from atpo_megatron.rollout.tree_rollout import TreeRollout
 
         cfg = self.cfg
         self.search = SearchClient(self.search_url, topk=cfg.retriever.topk, timeout_s=cfg.retriever.timeout_s,
                                    retries=cfg.retriever.retries, max_chars=cfg.retriever.max_passage_chars)
-        self.engine = make_engine(cfg.rollout, self.model_dir)
+        if self.ranks.process_group is not None:
+            self.search = GroupSearch(self.search, self.ranks)
+        self.engine = make_engine(cfg.rollout, self.model_dir, device_index=self.ranks.device_index,
+                                  world_size=dist.get_world_size())
         self.rollout = TreeRollout.from_config(self.engine, self.search, cfg)
 
     # -------------------------------------------------------------- the loop
@@ -245,17 +244,14 @@ class Trainer:
         cfg = self.cfg
         metrics: dict[str, float] = {}
         prompts = self.train_data.next_batch()
-        share = cfg.train.batch_prompts // self.dp_size
+        mine = self.ranks.my_prompts(prompts)
         with self.timer.stage("rollout"):
-            local = None
-            if self.is_leader:
-                self.engine.wake()
-                mine = prompts[self.dp_rank * share:(self.dp_rank + 1) * share]
-                local = self.rollout.rollout(mine, seed=cfg.train.seed * 100_003 + step * 1009 + self.dp_rank)
-                self.engine.sleep()
-            sequences, stats = _gather_rollouts(local, self.dp_rank, share)
+            self.engine.wake()
+            local = self.rollout.rollout(mine, seed=cfg.train.seed * 100_003 + step * 1009 + self.ranks.group)
+            self.engine.sleep()
+            sequences, stats = gather_rollouts(local, self.ranks, len(mine))
         metrics.update(stats)
-        if self.rank == 0 and cfg.logging.save_tree_pictures and local is not None:
+        if self.rank == 0 and cfg.logging.save_tree_pictures:
             self._save_trees(step, local)
 
         with self.timer.stage("old_logprobs"):
@@ -302,14 +298,15 @@ class Trainer:
         return result
 
     def sync_weights(self) -> dict[str, float]:
-        """Stream the actor's weights into every leader's engine (a collective over all ranks)."""
+        """Stream the actor's weights into every rank's engine (a collective over all ranks); every
+        ``rollout.verify_weights_every`` syncs (the first included) the engine fingerprints what it got."""
         from atpo_megatron.weights.hf_bridge import export_hf_weights
         from atpo_megatron.weights.sync import sync_weights
 
-        if self.engine is not None:
-            self.engine.wake()
+        every = self.cfg.rollout.verify_weights_every
         stats = sync_weights(export_hf_weights(self.models), self.engine,
-                             self.cfg.rollout.sync_bucket_mb << 20)
+                             verify=every > 0 and self.syncs % every == 0)
+        self.syncs += 1
         return stats.metrics()
 
     def evaluate(self) -> dict[str, float]:
@@ -317,12 +314,13 @@ class Trainer:
         from atpo_megatron.evaluate import evaluate, summarize
 
         samples = []
-        if self.is_leader:
-            self.engine.wake()
-            mine = self.eval_data[self.dp_rank::self.dp_size]
-            if mine:
-                samples = evaluate(self.engine, self.search, mine, self.cfg, progress=False)["samples"]
-            self.engine.sleep()
+        self.engine.wake()
+        mine = self.ranks.my_eval_examples(self.eval_data)
+        if mine:
+            samples = evaluate(self.engine, self.search, mine, self.cfg, progress=False)["samples"]
+        self.engine.sleep()
+        if not self.ranks.reports:
+            samples = []
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, samples)
         report = summarize([s for part in gathered for s in part])
@@ -350,6 +348,8 @@ class Trainer:
             self.search.close()
         if self.retriever is not None:
             self.retriever.stop()
+        if self.engine is not None:
+            self.engine.close()  # last: an in-process vLLM engine tears torch.distributed down with it
 
     # -------------------------------------------------------------- helpers
     def _save_trees(self, step: int, batch) -> None:
@@ -380,22 +380,6 @@ def _broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def _gather_rollouts(local, dp_rank: int, share: int) -> tuple[list, dict[str, float]]:
-    """Every leader's sequences on every rank, prompts renumbered globally; stats averaged over leaders."""
-    payload = None
-    if local is not None:
-        for seq in local.sequences:
-            seq.tree_index += dp_rank * share
-        payload = (local.sequences, local.stats)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, payload)
-    parts = [p for p in gathered if p is not None]
-    sequences = [s for seqs, _ in parts for s in seqs]
-    keys = set().union(*(stats.keys() for _, stats in parts))
-    stats = {k: sum(st.get(k, 0.0) for _, st in parts) / len(parts) for k in keys}
-    return sequences, stats
 
 
 def _mismatch(sequences: list, actor_logprobs: list) -> dict[str, float]:

@@ -338,7 +338,7 @@ def rollout_environment(cfg: "Config", engine: Engine | None = None):
                                                   max_chars=cfg.retriever.max_passage_chars))
         if engine is None:
             from atpo_megatron.hub import resolve_model
-            from atpo_megatron.rollout.engine import make_engine
+            from atpo_megatron.rollout.factory import make_engine
 
             engine = make_engine(cfg.rollout, resolve_model(cfg.model.name_or_path))
         yield engine, client
