@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from atpo_megatron.config import Config
 from atpo_megatron.rollout.placement import RolloutPlacement
+from atpo_megatron.rollout.tree_rollout import COUNT_STATS
 
 
 @dataclass
@@ -82,8 +83,9 @@ class GroupSearch:
 
 
 def gather_rollouts(local, ranks: RolloutRank, share: int) -> tuple[list, dict[str, float]]:
-    """Every reporting rank's sequences on every rank, prompts renumbered globally; stats averaged
-    over the rollout groups."""
+    """Every reporting rank's sequences on every rank, prompts renumbered globally; the stats' totals
+    (``COUNT_STATS``) summed over the rollout groups, the rest (rates, means) averaged (every group
+    samples the same number of prompts)."""
     payload = None
     if local is not None and ranks.reports:
         for seq in local.sequences:
@@ -94,5 +96,5 @@ def gather_rollouts(local, ranks: RolloutRank, share: int) -> tuple[list, dict[s
     parts = [p for p in gathered if p is not None]
     sequences = [s for seqs, _ in parts for s in seqs]
     keys = set().union(*(stats.keys() for _, stats in parts))
-    stats = {k: sum(st.get(k, 0.0) for _, st in parts) / len(parts) for k in keys}
+    stats = {k: sum(st.get(k, 0.0) for _, st in parts) / (1 if k in COUNT_STATS else len(parts)) for k in keys}
     return sequences, stats

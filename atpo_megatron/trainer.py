@@ -190,8 +190,8 @@ class Trainer:
                                    retries=cfg.retriever.retries, max_chars=cfg.retriever.max_passage_chars)
         if self.ranks.process_group is not None:
             self.search = GroupSearch(self.search, self.ranks)
-        self.engine = make_engine(cfg.rollout, self.model_dir, device_index=self.ranks.device_index,
-                                  world_size=dist.get_world_size())
+        self.engine = make_engine(cfg.rollout, self.model_dir, dtype=getattr(torch, cfg.model.dtype),
+                                  device_index=self.ranks.device_index, world_size=dist.get_world_size())
         self.rollout = TreeRollout.from_config(self.engine, self.search, cfg)
 
     # -------------------------------------------------------------- the loop

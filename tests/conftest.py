@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per vLLM engine (its default sizes it from free memory)
 
 
 def build_tiny_llama(out_dir: Path, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
@@ -40,6 +41,12 @@ def build_tiny_llama(out_dir: Path, *, hidden: int = 64, layers: int = 2, heads:
         if (smol / extra).is_file():
             shutil.copy(smol / extra, out_dir / extra)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama vLLM's CPU attention accepts (head_dim 64: hidden 128, 2 heads, 2 KV heads)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_vllm_llama"), hidden=128, heads=2, kv_heads=2)
 
 
 @pytest.fixture(scope="session")

@@ -151,6 +151,12 @@ def produced_leaf_stats(trees: Sequence[TurnTree]) -> dict[str, Any]:
     }
 
 
+COUNT_STATS = frozenset(f"rollout/{k}" for k in (
+    "trees", "leaves", "sequences", "search_queries", "tool_errors", "limit_notices", "truncated_results",
+    "generate_calls", "generated_tokens", "chain_tokens"))
+"""The ``rollout/...`` scalars that are totals: summed, not averaged, over the job's rollout engines."""
+
+
 def rollout_statistics(
     trees: Sequence[TurnTree], produced: dict[str, Any], loop: LoopStats, em: Sequence[float]
 ) -> dict[str, float]:
@@ -340,7 +346,8 @@ def rollout_environment(cfg: "Config", engine: Engine | None = None):
             from atpo_megatron.hub import resolve_model
             from atpo_megatron.rollout.factory import make_engine
 
-            engine = make_engine(cfg.rollout, resolve_model(cfg.model.name_or_path))
+            engine = make_engine(cfg.rollout, resolve_model(cfg.model.name_or_path),
+                                 dtype=getattr(torch, cfg.model.dtype))
         yield engine, client
 
 
