@@ -103,6 +103,10 @@ class LoopStats:
     tool_errors: int = 0
     generated_tokens: int = 0
     """Tokens produced by the engine and kept in the trees (mask 1)."""
+    context_tokens: int = 0
+    """Tokens of the contexts sent to the engine (its prefill work before any cache)."""
+    cached_tokens: int = 0
+    """Of those, tokens the engine's prefix cache served."""
     observation_tokens: int = 0
     """Tool-result tokens inserted (mask 0)."""
     limit_notices: int = 0
@@ -274,6 +278,8 @@ class AgentLoop:
                 f"engine.generate returned {len(completions)} completions for {len(branches)} prompts; "
                 "an Engine must return exactly one completion per prompt, in order"
             )
+        self.stats.context_tokens += sum(map(len, contexts))
+        self.stats.cached_tokens += sum(c.cached_tokens for c in completions)
         still_open: list[Branch] = []
         calls: list[tuple[Branch, str]] = []
         for b, c, cap in zip(branches, completions, caps):

@@ -78,6 +78,8 @@ class Completion:
     """Raw log-prob of each token in ``token_ids`` (see the module docstring), same length."""
     finish_reason: str
     """"stop" (a stop string was completed), "eos" (an EOS token was sampled) or "length"."""
+    cached_tokens: int = 0
+    """Prompt tokens served from the engine's prefix cache (vLLM; 0 where there is none)."""
 
     @property
     def entropy(self) -> float:

@@ -186,6 +186,7 @@ def rollout_statistics(
         "rollout/em": sum(em) / n,
         "rollout/uniform_reward_trees": sum(
             len({t.nodes[i].reward for i in t.leaves()}) == 1 for t in trees) / max(len(trees), 1),
+        "rollout/prefix_cache_hit_rate": loop.cached_tokens / loop.context_tokens if loop.context_tokens else 0.0,
         "rollout/generate_s": loop.generate_s,
         "rollout/search_s": loop.search_s,
     }
@@ -348,6 +349,7 @@ def rollout_environment(cfg: "Config", engine: Engine | None = None):
 
             engine = make_engine(cfg.rollout, resolve_model(cfg.model.name_or_path),
                                  dtype=getattr(torch, cfg.model.dtype))
+            stack.callback(engine.close)
         yield engine, client
 
 

@@ -331,4 +331,4 @@ def _to_completion(output) -> Completion:
             f"vLLM request {output.request_id} finished with {out.finish_reason!r} "
             f"(stop_reason={out.stop_reason!r}); only stop/length are expected from an offline engine"
         )
-    return Completion(token_ids, logprobs, reason)
+    return Completion(token_ids, logprobs, reason, cached_tokens=int(output.num_cached_tokens or 0))

@@ -181,14 +181,11 @@ def test_tied_head_load_and_restore(smollm2):
 
 
 def test_prefix_cache_is_reset_by_a_weight_load(smollm2):
-    vllm = import_vllm()
     prompt = chat(smollm2, "Repeat after me: " + " ".join(f"word{i}" for i in range(150)))
     assert len(prompt) > 256  # two full 128-token KV blocks on the CPU backend
-    request = [vllm.TokensPrompt(prompt_token_ids=prompt)]
-    params = vllm.SamplingParams(max_tokens=1, temperature=0)
 
     def cached():
-        return smollm2.llm.generate(request, params, use_tqdm=False)[0].num_cached_tokens
+        return smollm2.generate([prompt], SamplingParams(temperature=0, max_tokens=1))[0].cached_tokens
 
     cached()
     assert cached() >= 256

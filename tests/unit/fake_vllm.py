@@ -146,7 +146,7 @@ class LLM:
         for i, sp in enumerate(per):
             comp = types.SimpleNamespace(token_ids=[7] * sp.max_tokens, logprobs=[{7: Logprob(-0.5)}] * sp.max_tokens,
                                          finish_reason="length", stop_reason=None)
-            outs.append(types.SimpleNamespace(request_id=str(i), outputs=[comp]))
+            outs.append(types.SimpleNamespace(request_id=str(i), outputs=[comp], num_cached_tokens=0))
         return outs
 
     def sleep(self, level: int = 1):
