@@ -99,7 +99,8 @@ class RolloutConfig:
     of the prompts (``rollout/placement.py``)."""
     vllm_executor: Literal["auto", "mp", "external_launcher"] = "auto"
     """Where vLLM runs: in this process (external_launcher: device tensors handed over, no copy), or in
-    child processes (mp: vLLM's default); auto = external_launcher in a multi-rank job, mp alone."""
+    child processes (mp: vLLM's default); auto = external_launcher in `atpo train` (any world size),
+    mp in `atpo rollout` / `atpo eval`."""
     gpu_memory_utilization: float = 0.6
     kv_cache_memory_bytes: int = 0
     """vLLM KV cache size in bytes; 0 = size it from gpu_memory_utilization (then the engine must be

@@ -191,7 +191,7 @@ class Trainer:
         if self.ranks.process_group is not None:
             self.search = GroupSearch(self.search, self.ranks)
         self.engine = make_engine(cfg.rollout, self.model_dir, dtype=getattr(torch, cfg.model.dtype),
-                                  device_index=self.ranks.device_index, world_size=dist.get_world_size())
+                                  device_index=self.ranks.device_index, in_job=True)
         self.rollout = TreeRollout.from_config(self.engine, self.search, cfg)
 
     # -------------------------------------------------------------- the loop

@@ -10,12 +10,14 @@ from atpo_megatron.rollout.engine import Engine
 
 
 def make_engine(cfg: RolloutConfig, model_path: str | Path, *, dtype=None, device_index: int | None = None,
-                world_size: int = 1) -> Engine:
+                in_job: bool = False) -> Engine:
     """The engine for the Hugging Face folder ``model_path``, on this rank's device.
 
     ``device_index``: the local device of this rank (``LOCAL_RANK``; None = the default device).
-    ``world_size``: ranks in the job; with more than one, ``rollout.vllm_executor=auto`` builds vLLM
-    in-process (``external_launcher``: one engine per rank, ``rollout.tp_size`` ranks per engine).
+    ``in_job``: called by a rank of a torch.distributed job (the trainer); then
+    ``rollout.vllm_executor=auto`` builds vLLM in this process (``external_launcher``: one engine per
+    rank, ``rollout.tp_size`` ranks per engine, weights handed over without a copy); alone (``atpo
+    rollout``, ``atpo eval``) it runs in child processes (vLLM's default).
     ``dtype``: torch dtype or None = the checkpoint's (the hf engine uses bf16 on GPU when None).
     """
     if cfg.engine == "hf":
@@ -36,7 +38,7 @@ def make_engine(cfg: RolloutConfig, model_path: str | Path, *, dtype=None, devic
 
         executor = cfg.vllm_executor
         if executor == "auto":
-            executor = "external_launcher" if world_size > 1 else "mp"
+            executor = "external_launcher" if in_job else "mp"
         return VLLMEngine(
             model_path,
             tensor_parallel_size=cfg.tp_size,

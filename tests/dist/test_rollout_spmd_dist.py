@@ -61,7 +61,7 @@ def spmd_worker(model_dir: str, task_dir: str, rollout_tp: int, actor_tp: int):
         search = GroupSearch(search, ranks)
 
     engine = make_engine(cfg.rollout, model_dir, dtype=torch.float32, device_index=ranks.device_index,
-                         world_size=dist.get_world_size())
+                         in_job=True)
     models = build_model(AutoConfig.from_pretrained(model_dir), cfg.model, cfg.parallel)
     load_hf_weights(models, model_dir)
     stats = sync_weights(export_hf_weights(models), engine, verify=True)
@@ -102,22 +102,22 @@ def _check_common(results, leaves):
         assert r["max_diff"] <= 1e-4, r["max_diff"]  # engine log-probs == the actor's (fp32)
 
 
-def test_rollout_tp1_dp2_trees_equal_one_engines(tmp_path, tiny_vllm_llama_dir):
+def _run(tmp_path, model_dir, rollout_tp: int, actor_tp: int) -> list[dict]:
     results = run_dist(__file__, "spmd_worker", nproc=2, timeout=600,
-                       kwargs={"model_dir": str(tiny_vllm_llama_dir), "task_dir": str(tmp_path / "task"),
-                               "rollout_tp": 1, "actor_tp": 2})
+                       kwargs={"model_dir": str(model_dir), "task_dir": str(tmp_path / "task"),
+                               "rollout_tp": rollout_tp, "actor_tp": actor_tp})
     _check_common(results, leaves=6)
-    r0, r1 = results
+    return results
+
+
+def test_rollout_tp1_dp2_trees_equal_one_engines(tmp_path, tiny_vllm_llama_dir):
+    r0, r1 = _run(tmp_path, tiny_vllm_llama_dir, rollout_tp=1, actor_tp=2)
     assert (r0["group"], r1["group"]) == (0, 1)
     assert r0["rerun"] == r1["trees"]  # rank 1's engine made what one engine makes for those prompts
     assert r0["trees"] != r1["trees"]
 
 
 def test_rollout_tp2_one_engine_over_both_ranks(tmp_path, tiny_vllm_llama_dir):
-    results = run_dist(__file__, "spmd_worker", nproc=2, timeout=600,
-                       kwargs={"model_dir": str(tiny_vllm_llama_dir), "task_dir": str(tmp_path / "task"),
-                               "rollout_tp": 2, "actor_tp": 1})
-    _check_common(results, leaves=6)
-    r0, r1 = results
+    r0, r1 = _run(tmp_path, tiny_vllm_llama_dir, rollout_tp=2, actor_tp=1)
     assert r0["group"] == r1["group"] == 0 and r0["trees"] == r1["trees"]
     assert r0["searched"] == r1["searched"] and all("Page 1:" in text for text in r0["searched"])

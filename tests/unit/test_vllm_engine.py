@@ -158,7 +158,9 @@ def test_mp_engine_is_pinned_to_this_ranks_device(monkeypatch, model_dir):
     make_engine(RolloutConfig(engine="vllm"), model_dir, device_index=5)
     assert fake_vllm.LLM.instances[-1].init_env["CUDA_VISIBLE_DEVICES"] == "5"
     assert torch.cuda.device_count() == 8 and __import__("os").environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"
-    make_engine(RolloutConfig(engine="vllm"), model_dir, device_index=5, world_size=8)  # auto: in-process
+    for var, value in (("RANK", "5"), ("LOCAL_RANK", "5"), ("VLLM_ENABLE_V1_MULTIPROCESSING", "0")):
+        monkeypatch.setenv(var, value)  # what torchrun (and the engine itself) set in a job
+    make_engine(RolloutConfig(engine="vllm"), model_dir, device_index=5, in_job=True)  # auto: in-process
     llm = fake_vllm.LLM.instances[-1]
     assert llm.init_kwargs["distributed_executor_backend"] == "external_launcher"
     assert llm.init_env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"  # vLLM picks cuda:LOCAL_RANK itself
