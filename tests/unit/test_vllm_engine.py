@@ -48,6 +48,12 @@ def test_version_range():
             check_version(bad)
 
 
+def test_missing_vllm_names_the_key_and_the_fix(monkeypatch, model_dir):
+    monkeypatch.setitem(__import__("sys").modules, "vllm", None)  # import vllm -> ImportError
+    with pytest.raises(ConfigError, match=r"rollout.engine=vllm: vLLM is not installed; pip install -e .\[vllm\]"):
+        make_engine(RolloutConfig(engine="vllm"), model_dir)
+
+
 def test_padding_bias_masks_exactly_the_padding_rows():
     assert padding_bias(49152, 49152) is None
     bias = padding_bias(151936, 151665)  # Qwen2.5
