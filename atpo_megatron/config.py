@@ -175,9 +175,6 @@ class TrainConfig:
     micro_batch_tokens: int = 16384
     """Token budget of one micro-batch (dynamic batching by tokens)."""
     seed: int = 1234
-    kl_coef: float = 0.0
-    """The paper trains reference-free (KL 0); > 0 loads a frozen reference model."""
-    deterministic: bool = False
 
 
 @dataclass
@@ -338,6 +335,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {annotation}")
 
 
+REMOVED_KEYS = {
+    "train.kl_coef": "atpo_megatron trains without a KL term, as the paper's AT²PO runs do (KL coefficient "
+                     "0, no reference model); a value here was accepted and ignored before. Delete the key",
+    "train.deterministic": "it was never read (CPU runs are bit-reproducible without it: the seeds, the data "
+                           "order and the checkpointed RNG states fix every draw). Delete the key",
+}
+"""Keys that configs written for earlier versions (or for verl) may still hold, and why they are gone."""
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Instantiate dataclass ``cls`` from a nested dict, strictly."""
     if not isinstance(data, dict):
@@ -345,6 +351,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    for name in unknown:
+        if prefix + name in REMOVED_KEYS:
+            raise ConfigError(f"{prefix}{name} was removed: {REMOVED_KEYS[prefix + name]}")
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]}; allowed keys here: {', '.join(sorted(names))}")
     kwargs = {}
