@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from atpo_megatron.config import Config, ConfigError, dump_config, load_config
+from atpo_megatron.config import Config, ConfigError, UserError, dump_config, load_config
 
 log = logging.getLogger("atpo.train")
 
@@ -119,6 +119,16 @@ class Trainer:
 
         self.model_dir = resolve_model(cfg.model.name_or_path) if self.rank == 0 else None
         self.model_dir = Path(_broadcast_object(self.model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)  # the data is checked before any model work
+        train, dropped = split_overlong(load_examples(cfg, cfg.data.train_files, "train"), tokenizer,
+                                        cfg.rollout.max_prompt_tokens)
+        if not train:
+            raise ConfigError(
+                f"all {len(dropped)} training prompts of data.train_files={cfg.data.train_files} are longer than "
+                f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens} tokens, so none is left to train on; "
+                f"raise rollout.max_prompt_tokens or use shorter questions")
+        self.train_data = PromptStream(train, cfg.train.batch_prompts, cfg.train.seed, cfg.data.shuffle)
+        self.eval_data = load_examples(cfg, cfg.data.eval_files, "test", cfg.data.eval_limit)
         self.hf_config = AutoConfig.from_pretrained(self.model_dir)
         models = build_model(self.hf_config, cfg.model, cfg.parallel)
         if resume_from is None and cfg.checkpoint.load_hf_init:
@@ -132,14 +142,9 @@ class Trainer:
         )
         attach_fp8_optimizer(self.optimizer, self.models)  # FP8 weights cached per step (no-op without FP8 layers)
 
-        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        train, dropped = split_overlong(load_examples(cfg, cfg.data.train_files, "train"), tokenizer,
-                                        cfg.rollout.max_prompt_tokens)
-        if dropped:
-            log.warning("%d training prompts are longer than rollout.max_prompt_tokens and were dropped", len(dropped))
-        self.train_data = PromptStream(train, cfg.train.batch_prompts, cfg.train.seed, cfg.data.shuffle)
-        self.eval_data = load_examples(cfg, cfg.data.eval_files, "test", cfg.data.eval_limit)
         self.start_step = 0
+        self.nonfinite_skips = 0
+        """Mini-batches skipped for a NaN/inf loss or gradient so far in this run (resumes included)."""
         self._trained_lengths: list[int] = []
         if resume_from is not None:
             if checkpoint.read_record(resume_from).get("optim_sharding") is None:  # `atpo convert --from-hf`
@@ -150,6 +155,7 @@ class Trainer:
                                           path=resume_from)
                 self.start_step = resumed.step
                 self.train_data.position = resumed.extra["data_position"]
+                self.nonfinite_skips = resumed.extra.get("nonfinite_skips", 0)
                 log.info("resumed from %s at step %d", resume_from, resumed.step)
 
         self.engine = self.rollout = self.search = None
@@ -167,6 +173,11 @@ class Trainer:
     # -------------------------------------------------------------- set-up pieces
     def _saves(self) -> bool:
         return self.cfg.checkpoint.save_every > 0 or self.cfg.checkpoint.resume == "required"
+
+    def _save_due(self, step: int) -> bool:
+        """A periodic save after ``step``: every ``save_every`` steps and after the last; never with 0."""
+        every = self.cfg.checkpoint.save_every
+        return every > 0 and (step % every == 0 or step == self.cfg.train.steps)
 
     def _start_retriever(self) -> str:
         """The search endpoint: the configured URL, or our BM25 server started on rank 0."""
@@ -190,8 +201,7 @@ class Trainer:
         from atpo_megatron.rollout.tree_rollout import TreeRollout
 
         cfg = self.cfg
-        self.search = SearchClient(self.search_url, topk=cfg.retriever.topk, timeout_s=cfg.retriever.timeout_s,
-                                   retries=cfg.retriever.retries, max_chars=cfg.retriever.max_passage_chars)
+        self.search = SearchClient.from_config(cfg.retriever, self.search_url)
         self.engine = make_engine(cfg.rollout, self.model_dir)
         self.rollout = TreeRollout.from_config(self.engine, self.search, cfg)
 
@@ -224,9 +234,9 @@ class Trainer:
                 checkpoint.finalize_async_saves()
                 stop = self.preemption.should_stop()
                 # A stop always saves (even with save_every=0): the requeued job must resume from it.
-                if stop or (self._saves() and ((step + 1) % max(cfg.checkpoint.save_every, 1) == 0
-                                               or step + 1 == cfg.train.steps)):
+                if stop or self._save_due(step + 1):
                     self.save(step + 1)
+                    stop = self.preemption.should_stop()  # a signal during the save: resume from that one
                 if stop:
                     checkpoint.finalize_async_saves(blocking=True)
                     log.warning("stop requested: checkpoint of step %d committed", step + 1)
@@ -247,22 +257,30 @@ class Trainer:
         prompts = self.train_data.next_batch()
         share = cfg.train.batch_prompts // self.dp_size
         with self.timer.stage("rollout"):
-            local = None
+            local = error = None
             if self.is_leader:
-                self.engine.wake()
-                mine = prompts[self.dp_rank * share:(self.dp_rank + 1) * share]
-                local = self.rollout.rollout(mine, seed=cfg.train.seed * 100_003 + step * 1009 + self.dp_rank)
-                self.engine.sleep()
-            sequences, stats = _gather_rollouts(local, self.dp_rank, share)
+                try:
+                    self.engine.wake()
+                    mine = prompts[self.dp_rank * share:(self.dp_rank + 1) * share]
+                    local = self.rollout.rollout(mine, seed=cfg.train.seed * 100_003 + step * 1009 + self.dp_rank)
+                    self.engine.sleep()
+                except Exception as exc:  # e.g. the retriever's outage deadline passed
+                    error = exc
+            sequences, stats = _gather_rollouts(local, self.dp_rank, share, error)
         metrics.update(stats)
         if self.rank == 0 and cfg.logging.save_tree_pictures and local is not None:
             self._save_trees(step, local)
+        if not sequences:  # every leaf ended in a failed tool call and was dropped
+            log.warning("step %d: no trajectory is left to train on (see rollout/dropped_tool_error_leaves); "
+                        "the update is skipped", step + 1)
+            self._trained_lengths = []
+            return metrics
 
         with self.timer.stage("old_logprobs"):
-            old = compute_logprobs(self.models, sequences, max_tokens=cfg.train.micro_batch_tokens * 2,
-                                   temperature=cfg.rollout.sampling.temperature,
-                                   vocab_size=self.hf_config.vocab_size)
-            metrics.update(_mismatch(sequences, old))
+            old, raw = compute_logprobs(self.models, sequences, max_tokens=cfg.train.micro_batch_tokens * 2,
+                                        temperature=cfg.rollout.sampling.temperature,
+                                        vocab_size=self.hf_config.vocab_size, with_raw=True)
+            metrics.update(_mismatch(sequences, raw))
             for seq, lp in zip(sequences, old):
                 seq.old_logprobs = lp.tolist()
 
@@ -276,21 +294,29 @@ class Trainer:
         return metrics
 
     def _update(self, sequences: list, train_step) -> dict[str, float]:
-        """PPO mini-batches of ``mini_batch_prompts`` prompts each, ``ppo_epochs`` passes; mean metrics."""
+        """PPO mini-batches of ``mini_batch_prompts`` prompts each, ``ppo_epochs`` passes; mean metrics.
+        A mini-batch with a non-finite loss or gradient is skipped, up to ``train.max_nonfinite_skips``."""
+        from atpo_megatron.actor.train_step import NonFiniteError
+
         cfg = self.cfg
         by_prompt: dict[int, list] = {}
         for seq in sequences:
             by_prompt.setdefault(seq.tree_index, []).append(seq)
         prompt_ids = sorted(by_prompt)
         sums: dict[str, float] = {}
-        n = 0
+        n = skipped = 0
         for _ in range(cfg.train.ppo_epochs):
             for start in range(0, len(prompt_ids), cfg.train.mini_batch_prompts):
                 mini = [s for p in prompt_ids[start:start + cfg.train.mini_batch_prompts] for s in by_prompt[p]]
-                out = train_step(self.models, self.optimizer, mini, cfg.loss.name, cfg.loss.clip_kwargs(),
-                                 max_tokens=cfg.train.micro_batch_tokens,
-                                 temperature=cfg.rollout.sampling.temperature,
-                                 vocab_size=self.hf_config.vocab_size)
+                try:
+                    out = train_step(self.models, self.optimizer, mini, cfg.loss.name, cfg.loss.clip_kwargs(),
+                                     max_tokens=cfg.train.micro_batch_tokens,
+                                     temperature=cfg.rollout.sampling.temperature,
+                                     vocab_size=self.hf_config.vocab_size)
+                except NonFiniteError as exc:  # raised on every rank; weights and optimizer untouched
+                    self._skip_nonfinite(exc)
+                    skipped += 1
+                    continue
                 self.scheduler.step(1)
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
@@ -299,7 +325,24 @@ class Trainer:
         result["actor/loss"] = result.get("actor/pg_loss", float("nan"))
         result["actor/lr"] = self.optimizer.param_groups[0]["lr"]
         result["actor/updates"] = float(n)
+        result["actor/nonfinite_skipped"] = float(skipped)
         return result
+
+    def _skip_nonfinite(self, exc: Exception) -> None:
+        """Count a mini-batch skipped for a NaN/inf loss or gradient; past ``train.max_nonfinite_skips`` stop."""
+        from atpo_megatron import checkpoint
+
+        self.nonfinite_skips += 1
+        limit = self.cfg.train.max_nonfinite_skips
+        if self.nonfinite_skips > limit:
+            last = checkpoint.read_latest(self.ckpt_dir) if self.ckpt_dir.is_dir() else None
+            raise TrainingDivergedError(
+                f"{self.nonfinite_skips} mini-batches had a non-finite loss or gradient, more than "
+                f"train.max_nonfinite_skips={limit} ({exc}); the run stops "
+                f"{f'(the last checkpoint is step {last})' if last is not None else '(no checkpoint was saved)'}; "
+                f"resume with a lower optimizer.lr, or allow more skips") from exc
+        log.warning("skipped a mini-batch with a non-finite loss or gradient (%d of train.max_nonfinite_skips=%d): %s",
+                    self.nonfinite_skips, limit, exc)
 
     def sync_weights(self) -> dict[str, float]:
         """Stream the actor's weights into every leader's engine (a collective over all ranks)."""
@@ -316,16 +359,17 @@ class Trainer:
         """Greedy evaluation on the eval set, split across DP leaders; EM per source and micro-average."""
         from atpo_megatron.evaluate import evaluate, summarize
 
-        samples = []
+        samples, error = [], None
         if self.is_leader:
-            self.engine.wake()
-            mine = self.eval_data[self.dp_rank::self.dp_size]
-            if mine:
-                samples = evaluate(self.engine, self.search, mine, self.cfg, progress=False)["samples"]
-            self.engine.sleep()
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, samples)
-        report = summarize([s for part in gathered for s in part])
+            try:
+                self.engine.wake()
+                mine = self.eval_data[self.dp_rank::self.dp_size]
+                if mine:
+                    samples = evaluate(self.engine, self.search, mine, self.cfg, progress=False)["samples"]
+                self.engine.sleep()
+            except Exception as exc:
+                error = exc
+        report = summarize([s for part in _all_gather_checked(samples, error) for s in part])
         out = {"eval/em_avg": report["avg"]["em"], "eval/f1_avg": report["avg"]["f1"],
                "eval/turns_avg": report["avg"]["turns"], "eval/tool_calls_avg": report["avg"]["tool_calls"]}
         out.update({f"eval/em_{src}": r["em"] for src, r in report["per_source"].items()})
@@ -336,7 +380,8 @@ class Trainer:
 
         with self.timer.stage("checkpoint"):
             checkpoint.save(self.ckpt_dir, step, self.models, self.optimizer, self.scheduler,
-                            extra={"data_position": self.train_data.position}, config=self.cfg,
+                            extra={"data_position": self.train_data.position,
+                                   "nonfinite_skips": self.nonfinite_skips}, config=self.cfg,
                             keep_last=self.cfg.checkpoint.keep_last, async_save=self.cfg.checkpoint.async_save)
 
     def close(self) -> None:
@@ -382,24 +427,55 @@ def _broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def _gather_rollouts(local, dp_rank: int, share: int) -> tuple[list, dict[str, float]]:
-    """Every leader's sequences on every rank, prompts renumbered globally; stats averaged over leaders."""
+@dataclass
+class _Failed:
+    """What a rank sends in a gather instead of its result when its part raised (the exception stays home)."""
+
+    rank: int
+    message: str
+
+
+class RankFailedError(UserError, RuntimeError):
+    """Another rank's part of a collective step failed; that rank reports its own error."""
+
+
+class TrainingDivergedError(UserError, RuntimeError):
+    """More non-finite mini-batches than ``train.max_nonfinite_skips`` allows."""
+
+
+def _all_gather_checked(payload: Any, error: BaseException | None = None) -> list:
+    """``all_gather_object`` of ``payload``, unless this rank's part raised ``error``: then every rank
+    raises, this one its own exception, the others a one-line RankFailedError (none waits for it)."""
+    sent = payload if error is None else _Failed(dist.get_rank(), f"{type(error).__name__}: {error}")
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sent)
+    if error is not None:
+        raise error
+    failed = [p for p in gathered if isinstance(p, _Failed)]
+    if failed:
+        raise RankFailedError(f"rank {failed[0].rank} failed, so this rank stops too: {failed[0].message}")
+    return gathered
+
+
+def _gather_rollouts(local, dp_rank: int, share: int, error: BaseException | None = None) -> tuple[list, dict[str, float]]:
+    """Every leader's sequences on every rank, prompts renumbered globally, and the leaders' statistics
+    merged (``merge_rollout_stats``: counts summed, means weighted). A leader's ``error`` stops every rank."""
+    from atpo_megatron.rollout.tree_rollout import merge_rollout_stats
+
     payload = None
     if local is not None:
         for seq in local.sequences:
             seq.tree_index += dp_rank * share
         payload = (local.sequences, local.stats)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, payload)
-    parts = [p for p in gathered if p is not None]
+    parts = [p for p in _all_gather_checked(payload, error) if p is not None]
     sequences = [s for seqs, _ in parts for s in seqs]
-    keys = set().union(*(stats.keys() for _, stats in parts))
-    stats = {k: sum(st.get(k, 0.0) for _, st in parts) / len(parts) for k in keys}
-    return sequences, stats
+    return sequences, merge_rollout_stats([stats for _, stats in parts])
 
 
 def _mismatch(sequences: list, actor_logprobs: list) -> dict[str, float]:
-    """Train–inference log-prob mismatch over loss tokens (engine sampler vs actor recomputation)."""
+    """Train–inference log-prob mismatch over loss tokens: the engine's log-probs (raw, temperature 1,
+    rollout/engine.py) against the actor's recomputed ones at temperature 1 (``with_raw``), so at any
+    sampling temperature it measures only the engines' numerical difference."""
     diffs = []
     for seq, lp in zip(sequences, actor_logprobs):
         mask = torch.tensor(seq.loss_mask, dtype=torch.bool)
@@ -413,13 +489,16 @@ def _mismatch(sequences: list, actor_logprobs: list) -> dict[str, float]:
 
 def _check_retriever(url: str) -> None:
     """Fail fast (one try, short timeout), before any model work, when the search endpoint is down."""
-    from atpo_megatron.env.search_tool import SearchClient
+    from atpo_megatron.env.search_tool import RetrieverUnavailableError, SearchClient
 
     with SearchClient(url, retries=0, timeout_s=10.0) as probe:
-        result = probe.search_batch(["health check"])[0]
-    if not result.ok:
+        try:
+            error = probe.search_batch(["health check"])[0].error
+        except RetrieverUnavailableError as exc:
+            error = str(exc.__cause__)
+    if error is not None:
         raise ConfigError(
-            f"retriever.url: the retriever at {url} does not answer ({result.error}); start it with "
+            f"retriever.url: the retriever at {url} does not answer ({error}); start it with "
             f"`atpo retriever serve --corpus CORPUS --port PORT` or set retriever.url=embedded"
         )
 
