@@ -28,7 +28,7 @@ from atpo_megatron.env.prompts import TOOL_LIMIT_NOTICE, build_messages, format_
 from atpo_megatron.rollout.engine import make_engine
 from atpo_megatron.rollout.tree_rollout import TreeRollout, load_examples, rollout_environment
 
-pytestmark = [pytest.mark.integration, pytest.mark.faults]
+pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow]
 
 
 class RecordingEngine:
