@@ -53,7 +53,6 @@ from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from .config import UserError
 
@@ -555,6 +554,7 @@ def save(
     """
     global _warned_async
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     if optimizer is not None and not _optimizer_has_state(optimizer):
         raise CheckpointError(

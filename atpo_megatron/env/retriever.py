@@ -25,10 +25,12 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -497,9 +499,6 @@ def add_retriever_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _stop_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
     """A daemon thread: SIGTERM this server (a clean uvicorn shutdown) once ``parent_pid`` is no longer its parent."""
-    import signal
-    import threading
-
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(poll_s)
