@@ -55,9 +55,8 @@ GOOD = json.dumps({"question": "Who founded Orvane Industries?", "golden_answers
 
 @pytest.mark.parametrize("lines, message", [
     ([GOOD, '{"question": "cut short', GOOD], "train.jsonl:2: invalid JSON"),
-    ([GOOD, json.dumps({"question": "no answers"})], "train.jsonl:2: golden answers must be a non-empty list"),
     ([], "has no rows"),
-], ids=["malformed_json_line", "row_without_answers", "empty_file"])
+], ids=["malformed_json_line", "empty_file"])  # the other row errors: tests/unit/test_data.py
 def test_bad_dataset_names_the_file_and_line(tmp_path, train_args, lines, message):
     data = _dataset(tmp_path, lines)
     result = run_atpo(train_args(tmp_path / "run", 2, f"data.train_files=[{data}]"), tmp_path,
