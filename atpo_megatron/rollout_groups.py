@@ -13,9 +13,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from atpo_megatron.config import Config
+from atpo_megatron.config import Config, UserError
 from atpo_megatron.rollout.placement import RolloutPlacement
-from atpo_megatron.rollout.tree_rollout import COUNT_STATS
+from atpo_megatron.rollout.tree_rollout import merge_rollout_stats
 
 
 @dataclass
@@ -82,19 +82,42 @@ class GroupSearch:
         self.client.close()
 
 
-def gather_rollouts(local, ranks: RolloutRank, share: int) -> tuple[list, dict[str, float]]:
-    """Every reporting rank's sequences on every rank, prompts renumbered globally; the stats' totals
-    (``COUNT_STATS``) summed over the rollout groups, the rest (rates, means) averaged (every group
-    samples the same number of prompts)."""
+@dataclass
+class _Failed:
+    """What a rank sends in a gather instead of its result when its part raised (the exception stays home)."""
+
+    rank: int
+    message: str
+
+
+class RankFailedError(UserError, RuntimeError):
+    """Another rank's part of a collective step failed; that rank reports its own error."""
+
+
+def all_gather_checked(payload: Any, error: BaseException | None = None) -> list:
+    """``all_gather_object`` of ``payload``, unless this rank's part raised ``error``: then every rank
+    raises, this one its own exception, the others a one-line RankFailedError (none waits for it)."""
+    sent = payload if error is None else _Failed(dist.get_rank(), f"{type(error).__name__}: {error}")
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sent)
+    if error is not None:
+        raise error
+    failed = [p for p in gathered if isinstance(p, _Failed)]
+    if failed:
+        raise RankFailedError(f"rank {failed[0].rank} failed, so this rank stops too: {failed[0].message}")
+    return gathered
+
+
+def gather_rollouts(local, ranks: RolloutRank, share: int,
+                    error: BaseException | None = None) -> tuple[list, dict[str, float]]:
+    """Every reporting rank's sequences on every rank, prompts renumbered globally, and the engines'
+    statistics merged (``merge_rollout_stats``: counts summed, means weighted). A rank's ``error``
+    stops every rank."""
     payload = None
     if local is not None and ranks.reports:
         for seq in local.sequences:
             seq.tree_index += ranks.group * share
         payload = (local.sequences, local.stats)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, payload)
-    parts = [p for p in gathered if p is not None]
+    parts = [p for p in all_gather_checked(payload, error) if p is not None]
     sequences = [s for seqs, _ in parts for s in seqs]
-    keys = set().union(*(stats.keys() for _, stats in parts))
-    stats = {k: sum(st.get(k, 0.0) for _, st in parts) / (1 if k in COUNT_STATS else len(parts)) for k in keys}
-    return sequences, stats
+    return sequences, merge_rollout_stats([stats for _, stats in parts])

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from atpo_megatron.config import Config, ConfigError, dump_config, load_config
-from atpo_megatron.rollout_groups import GroupSearch, RolloutRank, gather_rollouts
+from atpo_megatron.config import Config, ConfigError, UserError, dump_config, load_config
+from atpo_megatron.rollout_groups import GroupSearch, RolloutRank, all_gather_checked, gather_rollouts
 
 log = logging.getLogger("atpo.train")
 
@@ -114,6 +114,16 @@ class Trainer:
 
         self.model_dir = resolve_model(cfg.model.name_or_path) if self.rank == 0 else None
         self.model_dir = Path(_broadcast_object(self.model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)  # the data is checked before any model work
+        train, dropped = split_overlong(load_examples(cfg, cfg.data.train_files, "train"), tokenizer,
+                                        cfg.rollout.max_prompt_tokens)
+        if not train:
+            raise ConfigError(
+                f"all {len(dropped)} training prompts of data.train_files={cfg.data.train_files} are longer than "
+                f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens} tokens, so none is left to train on; "
+                f"raise rollout.max_prompt_tokens or use shorter questions")
+        self.train_data = PromptStream(train, cfg.train.batch_prompts, cfg.train.seed, cfg.data.shuffle)
+        self.eval_data = load_examples(cfg, cfg.data.eval_files, "test", cfg.data.eval_limit)
         self.hf_config = AutoConfig.from_pretrained(self.model_dir)
         # the engine first: vLLM sizes its KV cache from the device memory that is free when it starts
         self.engine = self.rollout = self.search = None
@@ -131,14 +141,9 @@ class Trainer:
         )
         attach_fp8_optimizer(self.optimizer, self.models)  # FP8 weights cached per step (no-op without FP8 layers)
 
-        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        train, dropped = split_overlong(load_examples(cfg, cfg.data.train_files, "train"), tokenizer,
-                                        cfg.rollout.max_prompt_tokens)
-        if dropped:
-            log.warning("%d training prompts are longer than rollout.max_prompt_tokens and were dropped", len(dropped))
-        self.train_data = PromptStream(train, cfg.train.batch_prompts, cfg.train.seed, cfg.data.shuffle)
-        self.eval_data = load_examples(cfg, cfg.data.eval_files, "test", cfg.data.eval_limit)
         self.start_step = 0
+        self.nonfinite_skips = 0
+        """Mini-batches skipped for a NaN/inf loss or gradient so far in this run (resumes included)."""
         self._trained_lengths: list[int] = []
         if resume_from is not None:
             if checkpoint.read_record(resume_from).get("optim_sharding") is None:  # `atpo convert --from-hf`
@@ -149,6 +154,7 @@ class Trainer:
                                           path=resume_from)
                 self.start_step = resumed.step
                 self.train_data.position = resumed.extra["data_position"]
+                self.nonfinite_skips = resumed.extra.get("nonfinite_skips", 0)
                 log.info("resumed from %s at step %d", resume_from, resumed.step)
 
         self.sync_weights()  # the engine samples from the actor's exact weights from step one
@@ -163,6 +169,11 @@ class Trainer:
     # -------------------------------------------------------------- set-up pieces
     def _saves(self) -> bool:
         return self.cfg.checkpoint.save_every > 0 or self.cfg.checkpoint.resume == "required"
+
+    def _save_due(self, step: int) -> bool:
+        """A periodic save after ``step``: every ``save_every`` steps and after the last; never with 0."""
+        every = self.cfg.checkpoint.save_every
+        return every > 0 and (step % every == 0 or step == self.cfg.train.steps)
 
     def _start_retriever(self) -> str:
         """The search endpoint: the configured URL, or our BM25 server started on rank 0."""
@@ -186,8 +197,7 @@ class Trainer:
         from atpo_megatron.rollout.tree_rollout import TreeRollout
 
         cfg = self.cfg
-        self.search = SearchClient(self.search_url, topk=cfg.retriever.topk, timeout_s=cfg.retriever.timeout_s,
-                                   retries=cfg.retriever.retries, max_chars=cfg.retriever.max_passage_chars)
+        self.search = SearchClient.from_config(cfg.retriever, self.search_url)
         if self.ranks.process_group is not None:
             self.search = GroupSearch(self.search, self.ranks)
         self.engine = make_engine(cfg.rollout, self.model_dir, dtype=getattr(torch, cfg.model.dtype),
@@ -223,9 +233,9 @@ class Trainer:
                 checkpoint.finalize_async_saves()
                 stop = self.preemption.should_stop()
                 # A stop always saves (even with save_every=0): the requeued job must resume from it.
-                if stop or (self._saves() and ((step + 1) % max(cfg.checkpoint.save_every, 1) == 0
-                                               or step + 1 == cfg.train.steps)):
+                if stop or self._save_due(step + 1):
                     self.save(step + 1)
+                    stop = self.preemption.should_stop()  # a signal during the save: resume from that one
                 if stop:
                     checkpoint.finalize_async_saves(blocking=True)
                     log.warning("stop requested: checkpoint of step %d committed", step + 1)
@@ -246,19 +256,28 @@ class Trainer:
         prompts = self.train_data.next_batch()
         mine = self.ranks.my_prompts(prompts)
         with self.timer.stage("rollout"):
-            self.engine.wake()
-            local = self.rollout.rollout(mine, seed=cfg.train.seed * 100_003 + step * 1009 + self.ranks.group)
-            self.engine.sleep()
-            sequences, stats = gather_rollouts(local, self.ranks, len(mine))
+            local = error = None
+            try:
+                self.engine.wake()
+                local = self.rollout.rollout(mine, seed=cfg.train.seed * 100_003 + step * 1009 + self.ranks.group)
+                self.engine.sleep()
+            except Exception as exc:  # e.g. the retriever's outage deadline passed
+                error = exc
+            sequences, stats = gather_rollouts(local, self.ranks, len(mine), error)
         metrics.update(stats)
         if self.rank == 0 and cfg.logging.save_tree_pictures:
             self._save_trees(step, local)
+        if not sequences:  # every leaf ended in a failed tool call and was dropped
+            log.warning("step %d: no trajectory is left to train on (see rollout/dropped_tool_error_leaves); "
+                        "the update is skipped", step + 1)
+            self._trained_lengths = []
+            return metrics
 
         with self.timer.stage("old_logprobs"):
-            old = compute_logprobs(self.models, sequences, max_tokens=cfg.train.micro_batch_tokens * 2,
-                                   temperature=cfg.rollout.sampling.temperature,
-                                   vocab_size=self.hf_config.vocab_size)
-            metrics.update(_mismatch(sequences, old))
+            old, raw = compute_logprobs(self.models, sequences, max_tokens=cfg.train.micro_batch_tokens * 2,
+                                        temperature=cfg.rollout.sampling.temperature,
+                                        vocab_size=self.hf_config.vocab_size, with_raw=True)
+            metrics.update(_mismatch(sequences, raw))
             for seq, lp in zip(sequences, old):
                 seq.old_logprobs = lp.tolist()
 
@@ -272,21 +291,29 @@ class Trainer:
         return metrics
 
     def _update(self, sequences: list, train_step) -> dict[str, float]:
-        """PPO mini-batches of ``mini_batch_prompts`` prompts each, ``ppo_epochs`` passes; mean metrics."""
+        """PPO mini-batches of ``mini_batch_prompts`` prompts each, ``ppo_epochs`` passes; mean metrics.
+        A mini-batch with a non-finite loss or gradient is skipped, up to ``train.max_nonfinite_skips``."""
+        from atpo_megatron.actor.train_step import NonFiniteError
+
         cfg = self.cfg
         by_prompt: dict[int, list] = {}
         for seq in sequences:
             by_prompt.setdefault(seq.tree_index, []).append(seq)
         prompt_ids = sorted(by_prompt)
         sums: dict[str, float] = {}
-        n = 0
+        n = skipped = 0
         for _ in range(cfg.train.ppo_epochs):
             for start in range(0, len(prompt_ids), cfg.train.mini_batch_prompts):
                 mini = [s for p in prompt_ids[start:start + cfg.train.mini_batch_prompts] for s in by_prompt[p]]
-                out = train_step(self.models, self.optimizer, mini, cfg.loss.name, cfg.loss.clip_kwargs(),
-                                 max_tokens=cfg.train.micro_batch_tokens,
-                                 temperature=cfg.rollout.sampling.temperature,
-                                 vocab_size=self.hf_config.vocab_size)
+                try:
+                    out = train_step(self.models, self.optimizer, mini, cfg.loss.name, cfg.loss.clip_kwargs(),
+                                     max_tokens=cfg.train.micro_batch_tokens,
+                                     temperature=cfg.rollout.sampling.temperature,
+                                     vocab_size=self.hf_config.vocab_size)
+                except NonFiniteError as exc:  # raised on every rank; weights and optimizer untouched
+                    self._skip_nonfinite(exc)
+                    skipped += 1
+                    continue
                 self.scheduler.step(1)
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
@@ -295,7 +322,24 @@ class Trainer:
         result["actor/loss"] = result.get("actor/pg_loss", float("nan"))
         result["actor/lr"] = self.optimizer.param_groups[0]["lr"]
         result["actor/updates"] = float(n)
+        result["actor/nonfinite_skipped"] = float(skipped)
         return result
+
+    def _skip_nonfinite(self, exc: Exception) -> None:
+        """Count a mini-batch skipped for a NaN/inf loss or gradient; past ``train.max_nonfinite_skips`` stop."""
+        from atpo_megatron import checkpoint
+
+        self.nonfinite_skips += 1
+        limit = self.cfg.train.max_nonfinite_skips
+        if self.nonfinite_skips > limit:
+            last = checkpoint.read_latest(self.ckpt_dir) if self.ckpt_dir.is_dir() else None
+            raise TrainingDivergedError(
+                f"{self.nonfinite_skips} mini-batches had a non-finite loss or gradient, more than "
+                f"train.max_nonfinite_skips={limit} ({exc}); the run stops "
+                f"{f'(the last checkpoint is step {last})' if last is not None else '(no checkpoint was saved)'}; "
+                f"resume with a lower optimizer.lr, or allow more skips") from exc
+        log.warning("skipped a mini-batch with a non-finite loss or gradient (%d of train.max_nonfinite_skips=%d): %s",
+                    self.nonfinite_skips, limit, exc)
 
     def sync_weights(self) -> dict[str, float]:
         """Stream the actor's weights into every rank's engine (a collective over all ranks); every
@@ -310,20 +354,21 @@ class Trainer:
         return stats.metrics()
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy evaluation on the eval set, split across DP leaders; EM per source and micro-average."""
+        """Greedy evaluation on the eval set, split across the rollout engines; EM per source and micro-average."""
         from atpo_megatron.evaluate import evaluate, summarize
 
-        samples = []
-        self.engine.wake()
-        mine = self.ranks.my_eval_examples(self.eval_data)
-        if mine:
-            samples = evaluate(self.engine, self.search, mine, self.cfg, progress=False)["samples"]
-        self.engine.sleep()
+        samples, error = [], None
+        try:
+            self.engine.wake()
+            mine = self.ranks.my_eval_examples(self.eval_data)
+            if mine:
+                samples = evaluate(self.engine, self.search, mine, self.cfg, progress=False)["samples"]
+            self.engine.sleep()
+        except Exception as exc:
+            error = exc
         if not self.ranks.reports:
             samples = []
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, samples)
-        report = summarize([s for part in gathered for s in part])
+        report = summarize([s for part in all_gather_checked(samples, error) for s in part])
         out = {"eval/em_avg": report["avg"]["em"], "eval/f1_avg": report["avg"]["f1"],
                "eval/turns_avg": report["avg"]["turns"], "eval/tool_calls_avg": report["avg"]["tool_calls"]}
         out.update({f"eval/em_{src}": r["em"] for src, r in report["per_source"].items()})
@@ -334,7 +379,8 @@ class Trainer:
 
         with self.timer.stage("checkpoint"):
             checkpoint.save(self.ckpt_dir, step, self.models, self.optimizer, self.scheduler,
-                            extra={"data_position": self.train_data.position}, config=self.cfg,
+                            extra={"data_position": self.train_data.position,
+                                   "nonfinite_skips": self.nonfinite_skips}, config=self.cfg,
                             keep_last=self.cfg.checkpoint.keep_last, async_save=self.cfg.checkpoint.async_save)
 
     def close(self) -> None:
@@ -382,8 +428,14 @@ def _broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+class TrainingDivergedError(UserError, RuntimeError):
+    """More non-finite mini-batches than ``train.max_nonfinite_skips`` allows."""
+
+
 def _mismatch(sequences: list, actor_logprobs: list) -> dict[str, float]:
-    """Train–inference log-prob mismatch over loss tokens (engine sampler vs actor recomputation)."""
+    """Train–inference log-prob mismatch over loss tokens: the engine's log-probs (raw, temperature 1,
+    rollout/engine.py) against the actor's recomputed ones at temperature 1 (``with_raw``), so at any
+    sampling temperature it measures only the engines' numerical difference."""
     diffs = []
     for seq, lp in zip(sequences, actor_logprobs):
         mask = torch.tensor(seq.loss_mask, dtype=torch.bool)
@@ -397,13 +449,16 @@ def _mismatch(sequences: list, actor_logprobs: list) -> dict[str, float]:
 
 def _check_retriever(url: str) -> None:
     """Fail fast (one try, short timeout), before any model work, when the search endpoint is down."""
-    from atpo_megatron.env.search_tool import SearchClient
+    from atpo_megatron.env.search_tool import RetrieverUnavailableError, SearchClient
 
     with SearchClient(url, retries=0, timeout_s=10.0) as probe:
-        result = probe.search_batch(["health check"])[0]
-    if not result.ok:
+        try:
+            error = probe.search_batch(["health check"])[0].error
+        except RetrieverUnavailableError as exc:
+            error = str(exc.__cause__)
+    if error is not None:
         raise ConfigError(
-            f"retriever.url: the retriever at {url} does not answer ({result.error}); start it with "
+            f"retriever.url: the retriever at {url} does not answer ({error}); start it with "
             f"`atpo retriever serve --corpus CORPUS --port PORT` or set retriever.url=embedded"
         )
 
