@@ -115,6 +115,12 @@ def searching_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def searching_vllm_llama_dir(tmp_path_factory) -> Path:
+    """The same bigram tool-caller with head_dim 64, which vLLM's CPU attention accepts."""
+    return build_searching_llama(tmp_path_factory.mktemp("searching_vllm_llama"), hidden=256)
+
+
+@pytest.fixture(scope="session")
 def tiny_vllm_llama_dir(tmp_path_factory) -> Path:
     """A tiny random Llama vLLM's CPU attention accepts (head_dim 64: hidden 128, 2 heads, 2 KV heads)."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_vllm_llama"), hidden=128, heads=2, kv_heads=2)

