@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -46,8 +45,6 @@ from atpo_megatron.config import ConfigError
 from atpo_megatron.rollout.engine import Completion, SamplingParams
 from atpo_megatron.rollout.vllm_weights import AtpoWorkerExtension, choose_transport, encode
 from atpo_megatron.weights.fingerprint import WeightSyncError, check_fingerprints
-
-log = logging.getLogger(__name__)
 
 SUPPORTED = ((0, 32), (0, 34))
 """vLLM versions this engine is written and tested against: [0.32, 0.34)."""
@@ -178,7 +175,6 @@ class VLLMEngine:
         self.sleep_enabled = sleep_available(enable_sleep)
         self.sleep_level = sleep_level
         self.weight_bucket_bytes = weight_bucket_bytes
-        self.executor = executor
         check_free_memory(gpu_memory_utilization, kv_cache_memory_bytes)
         if executor == "external_launcher":
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # vLLM asserts it for this executor
