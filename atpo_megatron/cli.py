@@ -30,6 +30,8 @@ COMMANDS: dict[str, Command] = {
                        "sample one batch of turn trees and write them as JSON and an HTML picture"),
     "eval": Command("atpo_megatron.evaluate", "add_eval_arguments", "eval_main",
                     "greedy evaluation: EM per data source and the micro-average (the paper's Avg.)"),
+    "plan": Command("atpo_megatron.plan.command", "add_plan_arguments", "plan_main",
+                    "predict per-GPU memory, host memory, checkpoint size and step time of a job on an allocation"),
     "submit": Command("atpo_megatron.launch.slurm", "add_submit_arguments", "submit_main",
                       "render the sbatch script for a config and submit it to SLURM (--dry-run prints it)"),
     "convert": Command("atpo_megatron.convert", "add_convert_arguments", "convert_main",
