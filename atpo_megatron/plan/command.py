@@ -118,7 +118,7 @@ def make_plan(cfg: Config, hf_config, *, nodes: int, gpus_per_node: int, gpu: st
 
     checkpoint = M.checkpoint_bytes(shape, layout.tp, layout.pp, cfg.model.dtype)
     biggest = max(stages, key=lambda s: s.params)
-    host = {f"checkpoint save ({fmt})": M.save_host_bytes(layout, biggest.params, fmt)
+    host = {f"checkpoint save ({fmt})": M.save_host_bytes(layout, biggest.params, fmt, e)
             for fmt in ("dp_reshardable", "fully_reshardable")}
     if cfg.checkpoint.async_save:
         host["async save: every rank's shards copied to host"] = M.d2h_staging_bytes(biggest.states, gpus_per_node)

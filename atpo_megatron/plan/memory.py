@@ -41,20 +41,6 @@ LOGPROB_CHUNK_BYTES = 4 * 2**26
 LOGPROB_CHUNKS = 4
 """Chunks alive at once in the log-prob backward (x, log p, p, the gradient)."""
 
-# Host memory of a checkpoint save, bytes per parameter of the rank's model shard, measured on CPU
-# by benchmarks/checkpoint_host_memory.py (benchmarks/results/checkpoint_host_memory_cpu.json):
-# the growth of each rank's peak RSS during checkpoint.save beyond its training state.
-SAVE_HOST_BYTES_PER_PARAM = {
-    # fully_reshardable gathers its DP group's optimizer state (fp32 param, exp_avg, exp_avg_sq) on
-    # DP rank 0 (megatron's mem-efficient variant, over gloo); the other ranks send their shard.
-    ("fully_reshardable", "dp_rank0"): 24.6,
-    ("fully_reshardable", "other"): 6.5,
-    # dp_reshardable: every rank writes its own buckets; no gather.
-    ("dp_reshardable", "dp_rank0"): 2.3,
-    ("dp_reshardable", "other"): 2.3,
-}
-
-
 def dtype_bytes(dtype: str) -> int:
     return BYTES[dtype]
 
@@ -237,13 +223,30 @@ def checkpoint_bytes(s: ModelShape, tp: int, pp: int, dtype: str) -> tuple[int, 
     return weights, weights + (1 + ADAM_STATES) * FP32 * params
 
 
-def save_host_bytes(layout: Layout, params: int, optim_sharding: str) -> int:
-    """Host memory one node needs to save a checkpoint beyond its training state: each rank's extra
-    (:data:`SAVE_HOST_BYTES_PER_PARAM`, for the busiest node's DP-rank-0 count)."""
+def save_host_bytes_per_param(optim_sharding: str, dp_rank0: bool, dp: int, e: int) -> float:
+    """Host memory one rank's checkpoint save holds beyond its training state, per parameter of the
+    rank's model shard. Measured on CPU (``benchmarks/checkpoint_host_memory.py``, 78 M parameters,
+    bf16, ``benchmarks/results/checkpoint_host_memory_cpu_dp{1,2}*.json``; the same with 20 gradient
+    buckets instead of 2, so it does not depend on the bucket size):
+
+    * fully_reshardable: DP rank 0 gathers its DP group's fp32 param, exp_avg and exp_avg_sq over
+      the whole shard (12 B/param), the write holds a second copy (12), and it keeps its own local
+      shard (12/dp); the other ranks their local shard (12/dp). Measured: 36.0 B/param at DP 1;
+      30.0 (DP rank 0) and 6.0 (DP rank 1) at DP 2.
+    * dp_reshardable: no gather; each rank copies its share of the DP-replicated weights for writing
+      (e/dp). Measured: 2.05 at DP 1; 1.05 and 1.04 at DP 2.
+    """
+    if optim_sharding == "fully_reshardable":
+        return (2 * (1 + ADAM_STATES) * FP32 if dp_rank0 else 0) + (1 + ADAM_STATES) * FP32 / dp
+    return e / dp
+
+
+def save_host_bytes(layout: Layout, params: int, optim_sharding: str, e: int) -> int:
+    """Host memory one node needs to save a checkpoint beyond its ranks' training state (the node
+    with the most DP-rank-0 processes)."""
     rank0 = layout.dp_rank0_per_node()
-    others = layout.gpus_per_node - rank0
-    per_param = (rank0 * SAVE_HOST_BYTES_PER_PARAM[(optim_sharding, "dp_rank0")]
-                 + others * SAVE_HOST_BYTES_PER_PARAM[(optim_sharding, "other")])
+    per_param = (rank0 * save_host_bytes_per_param(optim_sharding, True, layout.dp, e)
+                 + (layout.gpus_per_node - rank0) * save_host_bytes_per_param(optim_sharding, False, layout.dp, e))
     return int(per_param * params)
 
 

@@ -155,3 +155,21 @@ def test_verdict_and_checkpoint_size():
     assert (weights, full) == (2 * params, 2 * params + 12 * params)
     assert Layout(8, 8, 4, 4).dp_rank0_per_node() == 4
     assert Layout(2, 8, 8, 1).dp_rank0_per_node() == 8
+
+
+def test_save_host_memory_reproduces_the_measurements():
+    """The per-parameter save costs give back the CPU measurements they were read from (within the
+    measurement's few-percent noise), and project onto the 70B layout per node."""
+    import json
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    for name, dp in (("checkpoint_host_memory_cpu_dp1.json", 1), ("checkpoint_host_memory_cpu_dp2.json", 2)):
+        data = json.loads((results / name).read_text())
+        for r in data["results"]:
+            for x in r["ranks"]:
+                model = M.save_host_bytes_per_param(r["format"], x["rank"] == 0, dp, 2)
+                assert x["save_bytes_per_param"] == pytest.approx(model, rel=0.06, abs=0.06), (name, r["format"], x)
+    layout = Layout(8, 8, 4, 4)  # 4 DP-rank-0 processes on the busiest node, DP 4
+    assert M.save_host_bytes(layout, 10**9, "fully_reshardable", 2) == 4 * 27 * 10**9 + 4 * 3 * 10**9
+    assert M.save_host_bytes(layout, 10**9, "dp_reshardable", 2) == 8 * 0.5 * 10**9
