@@ -337,7 +337,8 @@ class Trainer:
         with self.timer.stage("checkpoint"):
             checkpoint.save(self.ckpt_dir, step, self.models, self.optimizer, self.scheduler,
                             extra={"data_position": self.train_data.position}, config=self.cfg,
-                            keep_last=self.cfg.checkpoint.keep_last, async_save=self.cfg.checkpoint.async_save)
+                            keep_last=self.cfg.checkpoint.keep_last, async_save=self.cfg.checkpoint.async_save,
+                            optim_sharding=self.cfg.checkpoint.optim_sharding)
 
     def close(self) -> None:
         from atpo_megatron import checkpoint

@@ -1,11 +1,12 @@
 """Host memory of a checkpoint save: dp_reshardable vs fully_reshardable (CPU, DP ranks on gloo).
 
-    python benchmarks/checkpoint_host_memory.py                    # ~250 M parameters, both formats
-    python benchmarks/checkpoint_host_memory.py --shape small      # ~60 M, a scaling check
+    python benchmarks/checkpoint_host_memory.py                          # 246 M parameters, DP 2, both formats
+    python benchmarks/checkpoint_host_memory.py --shape small --ranks 1  # 78 M parameters, DP 1
 
-Each format runs as its own torchrun job of 2 gloo ranks (TP1 PP1 DP2; bf16 parameters, megatron
-DDP and the distributed optimizer, built as the trainer builds them). One optimizer step gives Adam
-its state. Then every rank measures how much its peak RSS grows during ``checkpoint.save`` over
+Each format runs as its own torchrun job of ``--ranks`` gloo ranks (TP1 PP1, DP = ranks; bf16
+parameters, megatron DDP and the distributed optimizer as the trainer builds them: one gradient
+bucket per buffer, since the trainer does not overlap gradient reduction). One optimizer step
+gives Adam its state. Then every rank measures how much its peak RSS grows during ``checkpoint.save`` over
 its RSS just before (``VmHWM`` reset first). glibc's mmap threshold is pinned
 (``MALLOC_MMAP_THRESHOLD_=65536``) so that freed tensors leave the RSS at once: the growth is what
 the save holds, not the allocator's cache.
@@ -62,8 +63,7 @@ def worker(spec: dict) -> None:
     init_distributed(1, 1, 1, seed=0)
     rank = torch.distributed.get_rank()
     hf = common.hf_config(SHAPES[spec["shape"]])
-    models = wrap_ddp(build_model(hf, ModelConfig(dtype="bfloat16", spec="local"), ParallelConfig()),
-                      bucket_size=spec["bucket_size"])
+    models = wrap_ddp(build_model(hf, ModelConfig(dtype="bfloat16", spec="local"), ParallelConfig()))
     optimizer, scheduler = build_optimizer(models, OptimizerConfig(lr=1e-5, min_lr=1e-5), total_steps=10)
     seqs = [Seq(list(range(1, 9)), list(range(9, 17)), [1] * 8, [1.0 if i % 2 else -1.0] * 8) for i in range(2)]
     for s in seqs:
@@ -93,9 +93,9 @@ def worker(spec: dict) -> None:
     destroy_distributed()
 
 
-def run_format(shape: str, fmt: str, bucket_size: int | None, ranks: int, timeout: float) -> dict:
+def run_format(shape: str, fmt: str, ranks: int, timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="atpo_ckpt_mem_") as tmp:
-        spec = {"shape": shape, "format": fmt, "ckpt": f"{tmp}/ckpt", "out": tmp, "bucket_size": bucket_size}
+        spec = {"shape": shape, "format": fmt, "ckpt": f"{tmp}/ckpt", "out": tmp}
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(common.REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
@@ -126,8 +126,6 @@ def main(argv=None) -> dict:
     p.add_argument("--shape", choices=sorted(SHAPES), default="default")
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--ranks", type=int, default=2, help="data-parallel ranks (default 2)")
-    p.add_argument("--bucket-size", type=int, help="DDP gradient bucket, elements (default: megatron's, "
-                   "max(40M, 1M x DP)); the distributed optimizer gathers and writes bucket by bucket")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--json", default=common.default_json("checkpoint_host_memory"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -135,18 +133,18 @@ def main(argv=None) -> dict:
     if args.worker:
         worker(json.loads(args.worker))
         return {}
-    results = [run_format(args.shape, fmt, args.bucket_size, args.ranks, args.timeout) for fmt in args.formats.split(",")]
+    results = [run_format(args.shape, fmt, args.ranks, args.timeout) for fmt in args.formats.split(",")]
     rows = [{"format": r["format"], "rank": x["rank"], "params_m": x["params"] / 1e6,
              "rss_gib": x["training_rss_gib"], "save_gib": x["save_grown_bytes"] / 2**30,
              "save_bpp": x["save_bytes_per_param"], "save_s": x["save_s"]}
             for r in results for x in r["ranks"]]
-    print(f"checkpoint host memory, shape {args.shape}, bucket {args.bucket_size or 'default'}, {args.ranks} ranks (DP{args.ranks}), "
+    print(f"checkpoint host memory, shape {args.shape}, {args.ranks} ranks (DP{args.ranks}), "
           f"bf16 + fp32 Adam, {os.uname().nodename}, "
           f"load {os.getloadavg()[0]:.1f}")
     print(common.format_table(rows, [("format", "format", ""), ("rank", "DP rank", ""), ("params_m", "params (M)", ".1f"),
                                      ("rss_gib", "training RSS GiB", ".2f"), ("save_gib", "save +GiB", ".3f"),
                                      ("save_bpp", "save B/param", ".2f"), ("save_s", "save s", ".1f")]))
-    out = {"shape": SHAPES[args.shape], "bucket_size": args.bucket_size, "ranks": args.ranks, "env": common.environment("cpu"),
+    out = {"shape": SHAPES[args.shape], "ranks": args.ranks, "env": common.environment("cpu"),
            "results": results}
     common.write_json(args.json, out)
     return out

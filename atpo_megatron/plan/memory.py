@@ -226,13 +226,12 @@ def checkpoint_bytes(s: ModelShape, tp: int, pp: int, dtype: str) -> tuple[int, 
 def save_host_bytes_per_param(optim_sharding: str, dp_rank0: bool, dp: int, e: int) -> float:
     """Host memory one rank's checkpoint save holds beyond its training state, per parameter of the
     rank's model shard. Measured on CPU (``benchmarks/checkpoint_host_memory.py``, 78 M parameters,
-    bf16, ``benchmarks/results/checkpoint_host_memory_cpu_dp{1,2}*.json``; the same with 20 gradient
-    buckets instead of 2, so it does not depend on the bucket size):
+    bf16, ``benchmarks/results/checkpoint_host_memory_cpu_dp{1,2}.json``):
 
     * fully_reshardable: DP rank 0 gathers its DP group's fp32 param, exp_avg and exp_avg_sq over
-      the whole shard (12 B/param), the write holds a second copy (12), and it keeps its own local
-      shard (12/dp); the other ranks their local shard (12/dp). Measured: 36.0 B/param at DP 1;
-      30.0 (DP rank 0) and 6.0 (DP rank 1) at DP 2.
+      the whole shard (12 B/param), holds as much again in receive buffers and the writer's copies,
+      and keeps its own local shard (12/dp); the other ranks their local shard (12/dp). Measured:
+      36.0 B/param at DP 1; 30.0 (DP rank 0) and 6.0 (DP rank 1) at DP 2.
     * dp_reshardable: no gather; each rank copies its share of the DP-replicated weights for writing
       (e/dp). Measured: 2.05 at DP 1; 1.05 and 1.04 at DP 2.
     """
