@@ -163,7 +163,9 @@ def _step_terms(cfg, hf_config, layout, gpu, hf_params, seqs, mini, prompt, resp
     bubble_t, bubble_f = (T.pipeline_bubble(layout.pp, layout.vpp, m) for m in (m_train, m_fwd))
     generated = seqs * response
     fwd = forward_flops_per_token(hf_config, seq_eff) * tokens
-    train = model_flops_per_token(hf_config, seq_eff) * tokens * cfg.train.ppo_epochs
+    # full recompute runs every layer's forward twice: 4 passes' worth of the 3 a step counts
+    recompute = 4 / 3 if cfg.model.recompute == "full" else 1.0
+    train = model_flops_per_token(hf_config, seq_eff) * tokens * cfg.train.ppo_epochs * recompute
     weights_gb = 2 * hf_params / GB
     ckpt_gb = checkpoint[1] / GB
     save_s = ckpt_gb / fs_gbps
@@ -174,7 +176,8 @@ def _step_terms(cfg, hf_config, layout, gpu, hf_params, seqs, mini, prompt, resp
         T.Term("old log-probs", T.compute_seconds(fwd, world, rates["train"], bubble_f),
                f"{tokens / 1e6:,.1f} M tokens forward, {rates['train'].value:,.0f} TFLOP/s/GPU, bubble {100 * bubble_f:.0f} %"),
         T.Term("training", T.compute_seconds(train, world, rates["train"], bubble_t),
-               f"{cfg.train.ppo_epochs} epoch(s) fwd+bwd, {m_train} micro-batches/mini-batch, bubble {100 * bubble_t:.0f} %"),
+               f"{cfg.train.ppo_epochs} epoch(s) fwd+bwd{' + recomputed fwd' if recompute > 1 else ''}, "
+               f"{m_train} micro-batches/mini-batch, bubble {100 * bubble_t:.0f} %"),
         T.Term("weight sync", weights_gb / rates["sync"].value,
                f"{weights_gb:,.1f} GB of bf16 weights at {rates['sync'].value:,.1f} GB/s"),
         T.Term("checkpoint", 0.0 if cfg.checkpoint.async_save or not cfg.checkpoint.save_every else save_s / every,
@@ -207,17 +210,13 @@ def suggestions(plan: Plan, replan) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- printing
-def _g(n: int | float) -> str:
-    return f"{n / GiB:8.2f}"
-
-
 def render(plan: Plan) -> str:
     """The plan as text: what is being planned, the per-GPU memory breakdown by pipeline stage and
     phase, host memory per node, checkpoints, the step-time terms with their sources, the verdict."""
     cfg, lay, s = plan.cfg, plan.layout, plan.shape
     r = cfg.rollout
     stages = plan.stages
-    head = "".join(f"   stage {st.stage:<3}" for st in stages)
+    head = "".join(f"{'stage ' + str(st.stage):>12}" for st in stages)
     lines = [
         f"atpo plan: {plan.source or 'config'} on {lay.nodes} nodes x {lay.gpus_per_node} {plan.gpu.name} "
         f"({plan.gpu.memory / GiB:.1f} GiB each, {M.RESERVE / GiB:.0f} GiB reserved) = {lay.world} GPUs",
@@ -234,12 +233,12 @@ def render(plan: Plan) -> str:
            else f"from gpu_memory_utilization={r.gpu_memory_utilization}")
         + (", sleeps while the actor trains" if r.enable_sleep else ", stays awake"),
         "",
-        f"Per-GPU memory, GiB{' ' * 32}{head}",
-        f"  parameters on the rank (billions)          " + "".join(f"{st.params / 1e9:12.3f}" for st in stages),
+        f"{'Per-GPU memory, GiB':<44}{head}",
+        f"  {'parameters on the rank (billions)':<42}" + "".join(f"{st.params / 1e9:12.3f}" for st in stages),
     ]
 
     def row(label: str, values) -> None:
-        lines.append(f"  {label:<42}" + "".join(f"    {_g(v)}" for v in values))
+        lines.append(f"  {label:<42}" + "".join(f"{v / GiB:12.2f}" for v in values))
 
     row(f"actor weights ({cfg.model.dtype})", [st.states.weights for st in stages])
     row("gradient buffer (fp32)", [st.states.grads for st in stages])
@@ -258,25 +257,25 @@ def render(plan: Plan) -> str:
             [st.activations[rc] for st in stages])
     if plan.engine is not None:
         e = plan.engine
-        lines.append(f"  rollout engine share (every GPU)           {_g(e.weights)} weights (TP{r.tp_size}), "
-                     f"{_g(e.kv_cache).strip()} KV cache = {e.kv_tokens:,} tokens per engine, "
-                     f"{_g(e.other).strip()} other (assumed)")
-    lines.append(f"  weight-sync buffers                        {_g(plan.sync_buffers)} (bucket {r.sync_bucket_mb} MiB + "
+        lines.append(f"  {'rollout engine share (every GPU)':<42}{e.weights / GiB:12.2f} weights (TP{r.tp_size}), "
+                     f"{e.kv_cache / GiB:.2f} KV cache = {e.kv_tokens:,} tokens per engine, "
+                     f"{e.other / GiB:.2f} other (assumed)")
+    lines.append(f"  {'weight-sync buffers':<42}{plan.sync_buffers / GiB:12.2f} (bucket {r.sync_bucket_mb} MiB + "
                  f"2 x the largest full tensor)")
-    lines += ["", f"Phases (per GPU, GiB; usable {plan.usable / GiB:.1f} = capacity - reserve)" + head]
+    lines += ["", f"{f'Phases per GPU, GiB (usable {plan.usable / GiB:.1f})':<57}" + head]
     for name in [ph.name for ph in stages[0].phases]:
         values = [next(ph for ph in st.phases if ph.name == name) for st in stages]
         parts = " + ".join(label for label, _ in values[0].parts)
-        lines.append(f"  {name:<12} {parts:<41}" + "".join(f"    {_g(ph.total)}" for ph in values)
+        lines.append(f"  {name:<12} {parts:<41} " + "".join(f"{ph.total / GiB:12.2f}" for ph in values)
                      + "  " + M.verdict(max(ph.total for ph in values), plan.gpu.memory))
 
     lines += ["", f"Host memory per node (GiB; {lay.gpus_per_node} ranks, up to {lay.dp_rank0_per_node()} of them "
                   f"DP rank 0 of a {max(st.params for st in stages) / 1e9:.2f} B-parameter shard)"]
     for label, v in plan.host.items():
         mark = " (configured)" if cfg.checkpoint.optim_sharding in label else ""
-        lines.append(f"  {label + mark:<62}{_g(v)}")
-    lines.append(f"  = needed with checkpoint.optim_sharding={cfg.checkpoint.optim_sharding:<28}{_g(host_needed(plan))}"
-                 + (f" of {plan.host_memory / GiB:.0f}" if plan.host_memory else ""))
+        lines.append(f"  {label + mark:<66}{v / GiB:10.2f}")
+    lines.append(f"  {'= needed with checkpoint.optim_sharding=' + cfg.checkpoint.optim_sharding:<66}"
+                 f"{host_needed(plan) / GiB:10.2f}" + (f" of {plan.host_memory / GiB:.0f}" if plan.host_memory else ""))
 
     w, full = plan.checkpoint
     lines += ["", f"Checkpoint (whole job): weights {w / GB:,.1f} GB, with the optimizer {full / GB:,.1f} GB; "
@@ -290,15 +289,23 @@ def render(plan: Plan) -> str:
     lines.append(f"  {'total':<14}{sum(t.seconds for t in plan.terms):10,.1f} s")
     lines.append("  rates: " + "; ".join(f"{k}: {v.value:,.1f} {v.unit} from {v.source}" for k, v in plan.rates.items()))
 
-    peak, phase, stage = plan.peak
-    lines += ["", f"verdict: {plan.verdict.upper()}: peak {peak / GiB:.1f} GiB per GPU in the {phase} phase "
-                  f"(stage {stage}) of {plan.usable / GiB:.1f} usable; model tolerance {100 * M.TOLERANCE:.0f} %"]
+    lines += ["", f"verdict: {verdict_line(plan)}"]
     if plan.engine is not None and r.engine == "vllm" and plan.engine.kv_tokens < plan.mb.seq + 1:
         lines.append(f"  the KV cache holds {max(plan.engine.kv_tokens, 0):,} tokens, fewer than one sequence "
                      f"({plan.mb.seq + 1}): vLLM refuses to start")
     for sug in plan.suggestions:
         lines.append(f"  would fit with: {sug}")
     return "\n".join(lines) + "\n"
+
+
+def verdict_line(plan: Plan) -> str:
+    """The verdict and the binding numbers, one line."""
+    peak, phase, stage = plan.peak
+    line = (f"{plan.verdict.upper()}: peak {peak / GiB:.1f} GiB per GPU in the {phase} phase (stage {stage}) of "
+            f"{plan.usable / GiB:.1f} usable on {plan.gpu.name}; model tolerance {100 * M.TOLERANCE:.0f} %")
+    if plan.host_memory and host_needed(plan) > plan.host_memory:
+        line += f"; host memory per node {host_needed(plan) / GiB:.0f} of {plan.host_memory / GiB:.0f} GiB"
+    return line
 
 
 # --------------------------------------------------------------------------------------- CLI
