@@ -134,6 +134,15 @@ def test_submit_reports_allocation_error(capsys):
     assert "16 GPUs per model replica" in capsys.readouterr().err
 
 
+def test_nemo_run_launcher_plans_first(capsys):
+    """--launcher nemo-run checks the same plan before nemo-run is asked for anything."""
+    pytest.importorskip("nemo_run", reason="pip install --no-deps -r requirements/nemo-run.txt")
+    args = add_submit_arguments(argparse.ArgumentParser()).parse_args(
+        [str(EXAMPLE), "--nodes", "2", "--gpus-per-node", "8", "--launcher", "nemo-run", "--dry-run"])
+    assert submit_main(args) == 2
+    assert "the plan says this job does not fit" in capsys.readouterr().err
+
+
 def example_scripts() -> dict[str, str]:
     """The scripts committed in slurm/ (regenerate with --write)."""
     return {
