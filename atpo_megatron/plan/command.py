@@ -116,7 +116,7 @@ def make_plan(cfg: Config, hf_config, *, nodes: int, gpus_per_node: int, gpu: st
                               + ((("KV cache (awake)", engine.kv_cache + engine.other),) if not sleeping else ()))]
         stages.append(StagePlan(stage, params, states, acts, (M.Phase("train", tuple(train)), *phases)))
 
-    checkpoint = M.checkpoint_bytes(shape, layout.tp, layout.pp, cfg.model.dtype)
+    checkpoint = M.checkpoint_bytes(shape, layout.tp, cfg.model.dtype)
     biggest = max(stages, key=lambda s: s.params)
     host = {f"checkpoint save ({fmt})": M.save_host_bytes(layout, biggest.params, fmt, e)
             for fmt in ("dp_reshardable", "fully_reshardable")}

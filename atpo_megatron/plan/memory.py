@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from atpo_megatron.actor.model import padded_vocab_size
-from atpo_megatron.plan.shapes import GiB, GPU, Layout, ModelShape, largest_param, stage_params
+from atpo_megatron.plan.shapes import GiB, GPU, Layout, ModelShape, largest_param
 
 BYTES = {"float32": 4, "bfloat16": 2}
 FP32 = 4
@@ -148,14 +148,17 @@ def stage_activation_bytes(s: ModelShape, layout: Layout, stage: int, mb: MicroB
     """Activation memory of pipeline stage ``stage`` at its peak in the training step."""
     per_layer = layer_activation_bytes(s, mb.tokens, mb.seq, layout.tp, e, attention, recompute)
     n = int(in_flight_layers(s.layers, layout.pp, layout.vpp, stage, mb.count) * per_layer)
-    if recompute == "full":  # the layer being recomputed in the backward, and RoPE's shared freqs
-        n += layer_activation_bytes(s, mb.tokens, mb.seq, layout.tp, e, attention, "none")
-        n += FP32 * mb.seq * s.head_dim
     if stage == 0:
         n += 8 * mb.tokens * min(layout.pp, mb.count)  # token ids
-    if stage == layout.pp - 1:
-        n += _rms_norm(mb.tokens, s.hidden, e, keeps_output=True) + logits_bytes(s, mb.tokens, layout.tp, e)
-    return n
+    # the last stage's output, alive with every layer's activations when the backward starts
+    head = (_rms_norm(mb.tokens, s.hidden, e, keeps_output=True) + logits_bytes(s, mb.tokens, layout.tp, e)
+            if stage == layout.pp - 1 else 0)
+    if recompute == "full":
+        # the layer being recomputed comes after the output's backward has freed the logits; RoPE's
+        # frequencies are one tensor shared by the layers' checkpoints
+        recomputed = layer_activation_bytes(s, mb.tokens, mb.seq, layout.tp, e, attention, "none")
+        return n + max(head, recomputed) + FP32 * mb.seq * s.head_dim
+    return n + head
 
 
 # ------------------------------------------------------------------------------- rollout engine
@@ -213,12 +216,12 @@ def verdict(peak: int, capacity: int) -> str:
 
 
 # ---------------------------------------------------------------------------------- checkpoints
-def checkpoint_bytes(s: ModelShape, tp: int, pp: int, dtype: str) -> tuple[int, int]:
-    """(weights only, weights + optimizer) bytes of one checkpoint: every unique parameter once
-    (vocabulary padded as stored), plus the optimizer's fp32 param, exp_avg and exp_avg_sq."""
-    params = tp * sum(stage_params(s, tp, pp, st) for st in range(pp))
-    if s.tied and pp > 1:  # the last stage's copy of a tied embedding is stored once
-        params -= padded_vocab_size(s.vocab, tp) * s.hidden
+def checkpoint_bytes(s: ModelShape, tp: int, dtype: str) -> tuple[int, int]:
+    """(weights only, weights + optimizer) bytes of one checkpoint: every parameter once (the
+    vocabulary padded to the saving TP, as stored), plus the optimizer's fp32 param, exp_avg and
+    exp_avg_sq."""
+    padding = (padded_vocab_size(s.vocab, tp) - s.vocab) * s.hidden * (1 if s.tied else 2)
+    params = s.hf_params() + padding
     weights = dtype_bytes(dtype) * params
     return weights, weights + (1 + ADAM_STATES) * FP32 * params
 

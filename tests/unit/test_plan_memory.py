@@ -150,8 +150,8 @@ def test_verdict_and_checkpoint_size():
     s = ModelShape(layers=2, hidden=64, ffn=128, heads=4, kv_heads=2, head_dim=16, vocab=100,
                    tied=True, qkv_bias=False, qk_norm=False)
     layer = (64 + 2 * 32) * 64 + 64 * 64 + 3 * 128 * 64 + 2 * 64
-    params = 2 * layer + 64 + 128 * 64  # vocab 100 padded to 128; tied: stored once
-    weights, full = M.checkpoint_bytes(s, 1, 2, "bfloat16")
+    params = 2 * layer + 64 + 256 * 64  # vocab 100 padded to 256 at TP 2; tied: stored once
+    weights, full = M.checkpoint_bytes(s, 2, "bfloat16")
     assert (weights, full) == (2 * params, 2 * params + 12 * params)
     assert Layout(8, 8, 4, 4).dp_rank0_per_node() == 4
     assert Layout(2, 8, 8, 1).dp_rank0_per_node() == 8
@@ -173,3 +173,28 @@ def test_save_host_memory_reproduces_the_measurements():
     layout = Layout(8, 8, 4, 4)  # 4 DP-rank-0 processes on the busiest node, DP 4
     assert M.save_host_bytes(layout, 10**9, "fully_reshardable", 2) == 4 * 27 * 10**9 + 4 * 3 * 10**9
     assert M.save_host_bytes(layout, 10**9, "dp_reshardable", 2) == 8 * 0.5 * 10**9
+
+
+def test_calibration_table_is_within_the_stated_tolerance(monkeypatch):
+    """benchmarks/results/plan_calibration.json (the README's calibration table): the model, as it is
+    now, still predicts what was recorded there, and every measured case is within TOLERANCE."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))  # the script imports its sibling `common`
+    spec = importlib.util.spec_from_file_location("plan_calibration", root / "benchmarks" / "plan_calibration.py")
+    calib = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calib)
+    rows = json.loads((root / "benchmarks" / "results" / "plan_calibration.json").read_text())["rows"]
+    assert len(rows) == len(calib.H200_RECORDS) + 2 * len(calib.CPU_CASES)
+    for (label, fields, attention, mb, measured), row in zip(calib.H200_RECORDS, rows):
+        assert row["measured_gb"] == measured
+        assert calib.predict_record(fields, attention, mb) / 1e9 == pytest.approx(row["predicted_gb"], rel=1e-9)
+    cpu = rows[len(calib.H200_RECORDS):]
+    for i, name in enumerate(calib.CPU_CASES):
+        want = calib.predict_step(*calib.CPU_CASES[name])
+        assert want["state"] / 1e9 == pytest.approx(cpu[2 * i]["predicted_gb"], rel=1e-9), name
+        assert want["step"] / 1e9 == pytest.approx(cpu[2 * i + 1]["predicted_gb"], rel=1e-9), name
+    assert max(abs(r["error"]) for r in rows) <= M.TOLERANCE
