@@ -33,9 +33,10 @@ COMMANDS: dict[str, Command] = {
     "plan": Command("atpo_megatron.plan.command", "add_plan_arguments", "plan_main",
                     "predict per-GPU memory, host memory, checkpoint size and step time of a job on an allocation"),
     "submit": Command("atpo_megatron.launch.slurm", "add_submit_arguments", "submit_main",
-                      "render the sbatch script for a config and submit it to SLURM (--dry-run prints it)"),
+                      "plan a job, render its sbatch script and submit it to SLURM (sbatch or nemo-run; --dry-run prints it)"),
     "convert": Command("atpo_megatron.convert", "add_convert_arguments", "convert_main",
-                       "convert a checkpoint to a Hugging Face folder (--to-hf) or back (--from-hf)"),
+                       "convert a checkpoint to a Hugging Face folder (--to-hf) or back (--from-hf), or rewrite its "
+                       "optimizer format (--optim-sharding)"),
     "retriever": Command("atpo_megatron.cli", "add_retriever_command", "retriever_command",
                          "serve a Search-R1-compatible /retrieve endpoint (BM25 or dense) over a corpus"),
     "report": Command("atpo_megatron.report", "add_report_arguments", "report_main",
