@@ -82,6 +82,8 @@ def make_plan(cfg: Config, hf_config, *, nodes: int, gpus_per_node: int, gpu: st
     """
     if gpu not in GPUS:
         raise ConfigError(f"--gpu {gpu!r} is not known; choose one of {', '.join(GPUS)}")
+    if nodes < 1 or gpus_per_node < 1:
+        raise ConfigError(f"--nodes {nodes} --gpus-per-node {gpus_per_node}: the plan sizes GPU jobs, both must be >= 1")
     g, p, r = GPUS[gpu], cfg.parallel, cfg.rollout
     layout = Layout(nodes, gpus_per_node, p.tp, p.pp, p.vpp)
     p.validate_world(layout.world)

@@ -71,3 +71,14 @@ def test_plan_cli_prints_the_breakdown_and_exits_1_when_it_does_not_fit(capsys):
     assert main(["plan", str(EXAMPLE), "--nodes", "8", "--gpus-per-node", "8", "model.recompute=selective"]) == 1
     out = capsys.readouterr().out
     assert "verdict: DOES NOT FIT" in out and "would fit with: model.recompute=full" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--nodes", "8", "--gpus-per-node", "0"], "the plan sizes GPU jobs"),
+    (["--nodes", "3", "--gpus-per-node", "8"], "does not divide the world size 24"),
+    (["--nodes", "8", "--gpus-per-node", "8", "model.name_or_path=/nowhere/Unknown-7B"], "model.name_or_path"),
+])
+def test_plan_cli_refuses_bad_input_in_one_line(argv, message, capsys):
+    assert main(["plan", str(EXAMPLE), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("atpo plan: configuration error:") and message in err and "\n" not in err, err
