@@ -168,6 +168,7 @@ def find_latest(ckpt_dir: str | Path) -> Path | None:
         if complete:
             log.warning("%s has no %r marker; using the newest complete folder %s",
                         ckpt_dir, LATEST_FILE, complete[-1][1])
+            read_record(complete[-1][1])  # a damaged record fails here, before any model work
             return complete[-1][1]
         return None
     target = step_dir(ckpt_dir, marker)
@@ -178,6 +179,7 @@ def find_latest(ckpt_dir: str | Path) -> Path | None:
             f"resume from the newest complete folder "
             f"({complete[-1][1] if complete else 'none exists'})."
         )
+    read_record(target)
     return target
 
 
@@ -310,8 +312,8 @@ def _collective_check(fn, *args) -> Any:
             result = fn(*args)
         except CheckpointError as exc:
             error = str(exc)
-        except OSError as exc:
-            error, original = f"{fn.__name__} failed on rank 0: {exc}", exc
+        except Exception as exc:  # any other failure too: the other ranks wait in the broadcast below
+            error, original = f"{fn.__name__} failed on rank 0: {type(exc).__name__}: {exc}", exc
     result, error = _from_rank0((result, error))
     if error is not None:
         raise CheckpointError(error) from original
@@ -598,6 +600,7 @@ def save(
     """
     global _warned_async
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     if optimizer is not None and not _optimizer_has_state(optimizer):
         raise CheckpointError(
@@ -635,8 +638,11 @@ def save(
     state = _build_sharded_state(models, optimizer, scheduler, is_loading=False,
                                  optim_sharding=optim_sharding, with_rng=True, with_tp_pp_rng=True)
     state["atpo"] = {"step": step, "extra": extra or {}, "config_yaml": config_yaml, "record": record}
-    request = dist_checkpointing.save(state, str(target), sharded_strategy=_strategies(False),
-                                      async_sharded_save=async_save, async_strategy="mcore")
+    try:
+        request = dist_checkpointing.save(state, str(target), sharded_strategy=_strategies(False),
+                                          async_sharded_save=async_save, async_strategy="mcore")
+    except (Exception, CheckpointException) as exc:  # megatron gathers the writers' results, raises on every rank
+        raise CheckpointError(_write_failure(ckpt_dir, target, exc)) from exc
     commit = functools.partial(_commit, ckpt_dir, step, record, config_yaml, keep_last, t0)
     if request is None:
         commit()
@@ -650,6 +656,21 @@ def save(
         _async_queue.schedule_async_request(request)
         _pending.append(step)
     return target
+
+
+def _write_failure(ckpt_dir: Path, target: Path, exc: BaseException) -> str:
+    """One line on a save that failed while writing its shards (torch's writer loses the errno)."""
+    try:
+        free = f"{shutil.disk_usage(ckpt_dir).free / 2**30:.1f} GiB are free there now"
+    except OSError:
+        free = "the free space there is unknown"
+    previous = read_latest(ckpt_dir)
+    kept = (f"`latest` still names step {previous}, which is intact" if previous is not None
+            else "no earlier checkpoint exists")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return (f"checkpoint {target} could not be written ({type(exc).__name__}: {first}; the writer's own "
+            f"error is logged above); a full disk or quota is the usual cause ({free}). {kept}; make room "
+            f"and run the same command again to resume")
 
 
 def _optimizer_has_state(optimizer: Any) -> bool:
@@ -740,12 +761,32 @@ class Resumed:
 
 
 def read_record(path: str | Path) -> dict[str, Any]:
+    """The commit record of the checkpoint folder ``path``; CheckpointError when missing or damaged."""
     path = Path(path)
+    record = path / COMPLETE_FILE
     try:
-        return json.loads((path / COMPLETE_FILE).read_text())
+        data = json.loads(record.read_text())
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE_FILE}); "
                               f"a save that did not finish cannot be loaded") from exc
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise CheckpointError(f"{record} is damaged ({exc}): it is written last and atomically, so "
+                              f"something changed it after the save; {_fallback_hint(path)}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{record} is damaged (it holds {str(data)[:40]!r}, not a record); "
+                              f"{_fallback_hint(path)}")
+    return data
+
+
+def _fallback_hint(path: Path) -> str:
+    """How to resume from the complete checkpoint before ``path`` instead (one line)."""
+    ckpt_dir = path.parent
+    older = [(s, p) for s, p in list_checkpoints(ckpt_dir)[0] if p != path and p.name < path.name]
+    if not older:
+        return f"restore it from a backup (no earlier checkpoint in {ckpt_dir})"
+    step = older[-1][0]
+    return (f"restore it from a backup, or resume from the previous checkpoint {older[-1][1]}: "
+            f"`echo {step} > {ckpt_dir / LATEST_FILE}` (the steps after {step} are then trained again)")
 
 
 def load(
@@ -761,7 +802,8 @@ def load(
 
     Restores what it is given: the model chunks always, the optimizer and scheduler when passed
     (None = weights only, e.g. for evaluation), every rank's RNG states when the parallel layout
-    is the one that saved. Returns None when there is no complete checkpoint.
+    is the one that saved (those of the rank's TP x PP position when only DP changed). Returns None
+    when there is no complete checkpoint.
     Raises CheckpointError when the checkpoint belongs to a model of another shape.
     """
     from megatron.core import dist_checkpointing
