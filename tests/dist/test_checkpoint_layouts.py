@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -168,17 +167,16 @@ def test_dp_change_resumes_and_tp_change_converts(tmp_path):
 
     # TP 1 -> 2: refused with the command, converted on the saving layout, then resumed
     converted = tmp_path / "converted"
-    proc = subprocess.Popen([sys.executable, "-m", "atpo_megatron.cli", "convert", "--optim-sharding",
-                             "fully_reshardable", str(ckpt), str(converted), "--nproc-per-node", "2"],
-                            cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    from process_tags import kill_tagged, tagged  # tests/: ends whatever the conversion leaves behind
+
+    env, tag = tagged({**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
     try:
-        output, _ = proc.communicate(timeout=300)
+        proc = subprocess.run([sys.executable, "-m", "atpo_megatron.cli", "convert", "--optim-sharding",
+                               "fully_reshardable", str(ckpt), str(converted), "--nproc-per-node", "2"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_tagged(tag)
+    output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     tp2 = run_dist(__file__, "run", nproc=2, kwargs=dict(**common, tp=2, seed=999, steps=3, load=str(converted),
                                                           refuse=str(ckpt)))
