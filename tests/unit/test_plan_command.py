@@ -82,3 +82,28 @@ def test_plan_cli_refuses_bad_input_in_one_line(argv, message, capsys):
     assert main(["plan", str(EXAMPLE), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("atpo plan: configuration error:") and message in err and "\n" not in err, err
+
+
+def test_rates_prefer_gpu_results_on_file_and_name_them(tmp_path, monkeypatch):
+    """A GPU benchmark result in benchmarks/results/ replaces the record/anchor (scaled to the GPU
+    by datasheet peak) and is named; CPU results never count."""
+    from atpo_megatron.plan import timing as T
+    from atpo_megatron.plan.shapes import GPUS
+
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    monkeypatch.setattr(T, "RESULTS_DIR", results)
+    assert T.training_rate(GPUS["h100"]).source == T.RECORD_TRAIN_SOURCE
+    assert T.sync_rate().source == T.ANCHOR_SYNC_SOURCE
+    (results / "actor_step_cpu.json").write_text(json.dumps(
+        {"device": "cpu", "results": [{"train": {"tflops_per_device": 0.1}}]}))
+    assert T.training_rate(GPUS["h100"]).source == T.RECORD_TRAIN_SOURCE
+    (results / "actor_step_8b.json").write_text(json.dumps(
+        {"device": "NVIDIA H200", "results": [{"train": {"tflops_per_device": 400.0}},
+                                              {"train": {"tflops_per_device": 450.0}}]}))
+    rate = T.training_rate(GPUS["a100"])
+    assert rate.value == pytest.approx(450.0 * 312.0 / 989.0)
+    assert rate.source == "benchmarks/results/actor_step_8b.json (NVIDIA H200)"
+    (results / "weight_sync_8b.json").write_text(json.dumps(
+        {"env": {"device": "NVIDIA H200"}, "result": {"weights_gb_per_s": 120.0}}))
+    assert (T.sync_rate().value, T.sync_rate().source) == (120.0, "benchmarks/results/weight_sync_8b.json")
