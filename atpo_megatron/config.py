@@ -238,6 +238,12 @@ class CheckpointConfig:
     """Save every N steps and after the last; 0 = never (only a preemption stop saves)."""
     keep_last: int = 3
     async_save: bool = False
+    optim_sharding: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """How the distributed optimizer's state is stored. dp_reshardable: every rank writes its own
+    buckets (no gather; a resume may change DP, not TP/PP). fully_reshardable: each DP group's state
+    is gathered on its DP rank 0 in model layout (any TP/PP/DP on resume; host memory on DP rank 0
+    grows with the model: `atpo plan` shows both; measured in benchmarks/results/checkpoint_host_memory_cpu.md).
+    `atpo convert --optim-sharding` turns one into the other."""
     resume: Literal["auto", "never", "required"] = "auto"
     load_hf_init: bool = True
     """Start from the model's Hugging Face weights when there is no checkpoint."""

@@ -381,7 +381,8 @@ class Trainer:
             checkpoint.save(self.ckpt_dir, step, self.models, self.optimizer, self.scheduler,
                             extra={"data_position": self.train_data.position,
                                    "nonfinite_skips": self.nonfinite_skips}, config=self.cfg,
-                            keep_last=self.cfg.checkpoint.keep_last, async_save=self.cfg.checkpoint.async_save)
+                            keep_last=self.cfg.checkpoint.keep_last, async_save=self.cfg.checkpoint.async_save,
+                            optim_sharding=self.cfg.checkpoint.optim_sharding)
 
     def close(self) -> None:
         from atpo_megatron import checkpoint
