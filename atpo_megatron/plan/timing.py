@@ -45,7 +45,7 @@ def _gpu_results(pattern: str) -> list[tuple[Path, dict]]:
     for path in sorted(RESULTS_DIR.glob(pattern)) if RESULTS_DIR.is_dir() else []:
         data = json.loads(path.read_text())
         device = data.get("device") or data.get("env", {}).get("device", "cpu")
-        if str(device).lower() != "cpu":
+        if not str(device).lower().startswith("cpu"):  # benchmarks write "cpu (x86_64, 1 threads)"
             found.append((path, data))
     return found
 

@@ -97,7 +97,10 @@ def test_rates_prefer_gpu_results_on_file_and_name_them(tmp_path, monkeypatch):
     assert T.sync_rate().source == T.ANCHOR_SYNC_SOURCE
     (results / "actor_step_cpu.json").write_text(json.dumps(
         {"device": "cpu", "results": [{"train": {"tflops_per_device": 0.1}}]}))
+    (results / "weight_sync_cpu.json").write_text(json.dumps(  # what benchmarks/common.py writes on a CPU
+        {"env": {"device": "cpu (x86_64, 1 threads)"}, "result": {"weights_gb_per_s": 2.3}}))
     assert T.training_rate(GPUS["h100"]).source == T.RECORD_TRAIN_SOURCE
+    assert T.sync_rate().source == T.ANCHOR_SYNC_SOURCE
     (results / "actor_step_8b.json").write_text(json.dumps(
         {"device": "NVIDIA H200", "results": [{"train": {"tflops_per_device": 400.0}},
                                               {"train": {"tflops_per_device": 450.0}}]}))
