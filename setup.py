@@ -38,6 +38,10 @@ setup(
         "dense": ["sentence-transformers>=5"],
         "vllm": ["vllm>=0.33,<0.34"],
         "te": ["transformer-engine[pytorch]>=2.20"],
+        # `atpo submit --launcher nemo-run`. leptonai < 0.47 (0.47 broke `import nemo_run`). These pins
+        # resolve older anyio/httpx/starlette/urllib3 than vLLM uses: next to vLLM install
+        # requirements/nemo-run.txt with --no-deps instead (README command 1 does).
+        "nemo": ["nemo-run==0.11.1", "leptonai==0.27.3", "torchx==0.7.0"],
     },
     entry_points={"console_scripts": ["atpo=atpo_megatron.cli:main"]},
 )

@@ -12,9 +12,15 @@
 
 One checkpoint is one folder written by megatron's ``dist_checkpointing`` (torch_dist format):
 the model (the inner module's sharded state dict, not the DDP wrapper's), the distributed
-optimizer in ``fully_reshardable`` form (so TP, PP and DP may all change between save and load),
-the LR scheduler, the RNG states of every rank, the step, the config and the trainer's ``extra``
-dict (rollout state, data iterator position, ...). The folder layout:
+optimizer, the LR scheduler, the RNG states of every rank (and of every TP x PP position, so they
+survive a change of DP), the step, the config and the trainer's ``extra`` dict (rollout state, data
+iterator position, ...). The optimizer's format is ``checkpoint.optim_sharding``:
+``dp_reshardable`` (the default: every rank writes its own gradient buckets; a resume may change DP
+but not TP or PP, nor the bucket layout, which only overlapped gradient reduction ties to DP) or
+``fully_reshardable`` (model layout, gathered on each DP group's rank 0: any TP/PP/DP on resume, at
+a host-memory cost that grows with the model, see ``atpo plan``). A resume the format cannot do
+stops with the command that converts the checkpoint (``atpo convert --optim-sharding``). The
+folder layout:
 
     <ckpt_dir>/step_000120/          megatron's *.distcp, .metadata, metadata.json, and ours:
         config.yaml                  the resolved config of the run that saved it
@@ -162,6 +168,7 @@ def find_latest(ckpt_dir: str | Path) -> Path | None:
         if complete:
             log.warning("%s has no %r marker; using the newest complete folder %s",
                         ckpt_dir, LATEST_FILE, complete[-1][1])
+            read_record(complete[-1][1])  # a damaged record fails here, before any model work
             return complete[-1][1]
         return None
     target = step_dir(ckpt_dir, marker)
@@ -172,6 +179,7 @@ def find_latest(ckpt_dir: str | Path) -> Path | None:
             f"resume from the newest complete folder "
             f"({complete[-1][1] if complete else 'none exists'})."
         )
+    read_record(target)
     return target
 
 
@@ -304,8 +312,8 @@ def _collective_check(fn, *args) -> Any:
             result = fn(*args)
         except CheckpointError as exc:
             error = str(exc)
-        except OSError as exc:
-            error, original = f"{fn.__name__} failed on rank 0: {exc}", exc
+        except Exception as exc:  # any other failure too: the other ranks wait in the broadcast below
+            error, original = f"{fn.__name__} failed on rank 0: {type(exc).__name__}: {exc}", exc
     result, error = _from_rank0((result, error))
     if error is not None:
         raise CheckpointError(error) from original
@@ -448,7 +456,7 @@ def _sharded_metadata(optim_sharding: str) -> dict[str, Any]:
 
 
 def _build_sharded_state(models, optimizer, scheduler, *, is_loading: bool, optim_sharding: str,
-                         with_rng: bool) -> dict[str, Any]:
+                         with_rng: bool, with_tp_pp_rng: bool) -> dict[str, Any]:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     meta = _sharded_metadata(optim_sharding)
@@ -465,7 +473,45 @@ def _build_sharded_state(models, optimizer, scheduler, *, is_loading: bool, opti
         # One object per global rank: a resume in the same layout gives each rank its own states.
         state["rng_state"] = ShardedObject("atpo.rng_state", rng_state() if not is_loading else None,
                                            (_world(),), (_rank(),), replica_id=0)
+    if with_tp_pp_rng:
+        # One per TP x PP position, written by DP rank 0 (Megatron-LM's layout): the DP replicas of a
+        # position draw the same streams (seeds depend on the PP and TP rank only), so a resume with
+        # another DP size gives every rank the states of its position.
+        (tp, tp_rank), (pp, pp_rank), (_, dp_rank) = _grid()
+        state["rng_state_tp_pp"] = ShardedObject("atpo.rng_state_tp_pp", rng_state() if not is_loading else None,
+                                                 (pp, tp), (pp_rank, tp_rank), replica_id=dp_rank)
     return state
+
+
+def _grid() -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """((tp, tp_rank), (pp, pp_rank), (dp, dp_rank)) of this rank; world size 1 without megatron."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return (1, 0), (1, 0), (_world(), _rank())
+    return ((ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()),
+            (ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()),
+            (ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()))
+
+
+def _bucket_layout(optimizer: Any) -> list[list[int]]:
+    """The distributed optimizer's gradient buckets (unpadded elements per bucket, per buffer):
+    what a dp_reshardable checkpoint's optimizer state is cut into."""
+    return [[n for sizes in buffer.values() for n in sizes]
+            for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+            for buffer in getattr(opt, "per_bucket_numel_unpadded", [])]
+
+
+def _gather_bucket_layouts(optimizer: Any) -> dict[str, list[list[int]]]:
+    """Every TP x PP position's bucket layout, keyed "pp,tp" (the same on its DP replicas)."""
+    (_, tp_rank), (_, pp_rank), _ = _grid()
+    mine = (f"{pp_rank},{tp_rank}", _bucket_layout(optimizer))
+    everyone = [None] * _world()
+    if _dist():
+        torch.distributed.all_gather_object(everyone, mine)
+    else:
+        everyone = [mine]
+    return dict(everyone)
 
 
 def _config_yaml(config: Any) -> str | None:
@@ -546,12 +592,15 @@ def save(
     keep_last: after the new marker, delete older complete checkpoints beyond this many (0 = keep all).
     async_save: write in the background on CUDA (commit in finalize_async_saves); sync on CPU.
     optim_sharding: "fully_reshardable" (TP/PP/DP may change on load; gathers each DP group's
-        optimizer state on its DP rank 0) or "dp_reshardable" (no gather, only DP may change).
+        optimizer state on its DP rank 0: 24 + 12/DP bytes of host memory per parameter of its
+        shard, measured) or "dp_reshardable" (no gather; DP may change, TP/PP not). The trainer
+        passes ``checkpoint.optim_sharding`` (default dp_reshardable).
 
     Saving the step that ``latest`` already names is a no-op (the state is that one).
     """
     global _warned_async
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     if optimizer is not None and not _optimizer_has_state(optimizer):
         raise CheckpointError(
@@ -580,14 +629,20 @@ def save(
         "layout": parallel_layout(models),
         "optim_sharding": optim_sharding if optimizer is not None else None,
         "has_scheduler": scheduler is not None,
+        "rng_by_tp_pp": True,
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if optimizer is not None and optim_sharding == "dp_reshardable":
+        record["optim_buckets"] = _gather_bucket_layouts(optimizer)
     config_yaml = _config_yaml(config)
     state = _build_sharded_state(models, optimizer, scheduler, is_loading=False,
-                                 optim_sharding=optim_sharding, with_rng=True)
+                                 optim_sharding=optim_sharding, with_rng=True, with_tp_pp_rng=True)
     state["atpo"] = {"step": step, "extra": extra or {}, "config_yaml": config_yaml, "record": record}
-    request = dist_checkpointing.save(state, str(target), sharded_strategy=_strategies(False),
-                                      async_sharded_save=async_save, async_strategy="mcore")
+    try:
+        request = dist_checkpointing.save(state, str(target), sharded_strategy=_strategies(False),
+                                          async_sharded_save=async_save, async_strategy="mcore")
+    except (Exception, CheckpointException) as exc:  # megatron gathers the writers' results, raises on every rank
+        raise CheckpointError(_write_failure(ckpt_dir, target, exc)) from exc
     commit = functools.partial(_commit, ckpt_dir, step, record, config_yaml, keep_last, t0)
     if request is None:
         commit()
@@ -601,6 +656,21 @@ def save(
         _async_queue.schedule_async_request(request)
         _pending.append(step)
     return target
+
+
+def _write_failure(ckpt_dir: Path, target: Path, exc: BaseException) -> str:
+    """One line on a save that failed while writing its shards (torch's writer loses the errno)."""
+    try:
+        free = f"{shutil.disk_usage(ckpt_dir).free / 2**30:.1f} GiB are free there now"
+    except OSError:
+        free = "the free space there is unknown"
+    previous = read_latest(ckpt_dir)
+    kept = (f"`latest` still names step {previous}, which is intact" if previous is not None
+            else "no earlier checkpoint exists")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return (f"checkpoint {target} could not be written ({type(exc).__name__}: {first}; the writer's own "
+            f"error is logged above); a full disk or quota is the usual cause ({free}). {kept}; make room "
+            f"and run the same command again to resume")
 
 
 def _optimizer_has_state(optimizer: Any) -> bool:
@@ -691,12 +761,32 @@ class Resumed:
 
 
 def read_record(path: str | Path) -> dict[str, Any]:
+    """The commit record of the checkpoint folder ``path``; CheckpointError when missing or damaged."""
     path = Path(path)
+    record = path / COMPLETE_FILE
     try:
-        return json.loads((path / COMPLETE_FILE).read_text())
+        data = json.loads(record.read_text())
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE_FILE}); "
                               f"a save that did not finish cannot be loaded") from exc
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise CheckpointError(f"{record} is damaged ({exc}): it is written last and atomically, so "
+                              f"something changed it after the save; {_fallback_hint(path)}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{record} is damaged (it holds {str(data)[:40]!r}, not a record); "
+                              f"{_fallback_hint(path)}")
+    return data
+
+
+def _fallback_hint(path: Path) -> str:
+    """How to resume from the complete checkpoint before ``path`` instead (one line)."""
+    ckpt_dir = path.parent
+    older = [(s, p) for s, p in list_checkpoints(ckpt_dir)[0] if p != path and p.name < path.name]
+    if not older:
+        return f"restore it from a backup (no earlier checkpoint in {ckpt_dir})"
+    step = older[-1][0]
+    return (f"restore it from a backup, or resume from the previous checkpoint {older[-1][1]}: "
+            f"`echo {step} > {ckpt_dir / LATEST_FILE}` (the steps after {step} are then trained again)")
 
 
 def load(
@@ -712,7 +802,8 @@ def load(
 
     Restores what it is given: the model chunks always, the optimizer and scheduler when passed
     (None = weights only, e.g. for evaluation), every rank's RNG states when the parallel layout
-    is the one that saved. Returns None when there is no complete checkpoint.
+    is the one that saved (those of the rank's TP x PP position when only DP changed). Returns None
+    when there is no complete checkpoint.
     Raises CheckpointError when the checkpoint belongs to a model of another shape.
     """
     from megatron.core import dist_checkpointing
@@ -744,18 +835,15 @@ def load(
                               f"scheduler=None to keep the fresh schedule")
 
     _install_compat()
-    same_layout = record.get("layout") == parallel_layout(models)
-    if optimizer is not None and optim_sharding == "dp_reshardable" and not same_layout:
-        saved, now = record.get("layout", {}), parallel_layout(models)
-        if (saved.get("tp"), saved.get("pp")) != (now["tp"], now["pp"]):
-            raise CheckpointError(
-                f"checkpoint {target} stores the optimizer as dp_reshardable (tp={saved.get('tp')}, "
-                f"pp={saved.get('pp')}), which loads only with the same tp and pp; this run has "
-                f"tp={now['tp']}, pp={now['pp']}. Resume with the saving layout, or load weights "
-                f"only (optimizer=None)."
-            )
-    state = _build_sharded_state(models, optimizer, scheduler, is_loading=True,
-                                 optim_sharding=optim_sharding, with_rng=same_layout)
+    now = parallel_layout(models)
+    same_layout = record.get("layout") == now
+    saved = record.get("layout", {})
+    same_tp_pp = (saved.get("tp"), saved.get("pp")) == (now["tp"], now["pp"])
+    if optimizer is not None and optim_sharding == "dp_reshardable":
+        _check_dp_reshardable(target, record, optimizer, same_tp_pp)
+    tp_pp_rng = not same_layout and same_tp_pp and record.get("rng_by_tp_pp", False)
+    state = _build_sharded_state(models, optimizer, scheduler, is_loading=True, optim_sharding=optim_sharding,
+                                 with_rng=same_layout, with_tp_pp_rng=tp_pp_rng)
     loaded = dist_checkpointing.load(state, str(target), sharded_strategy=_strategies(True, target))
 
     for key, model in zip(_model_keys(len(models)), models):
@@ -766,12 +854,45 @@ def load(
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if same_layout:
         set_rng_state(loaded["rng_state"])
+    elif tp_pp_rng:
+        set_rng_state(loaded["rng_state_tp_pp"])
+        if _rank() == 0:
+            log.info("checkpoint %s was saved with DP %s, this run has DP %s: RNG states restored per "
+                     "TP x PP position", target, saved.get("dp"), now["dp"])
     elif _rank() == 0:
         log.warning("checkpoint %s was saved with layout %s, this run has %s: weights and optimizer "
                     "are resharded; per-rank RNG states are not restored (fresh seeds)", target,
-                    record.get("layout"), parallel_layout(models))
+                    saved, now)
     atpo = loaded["atpo"]
     if _rank() == 0:
         log.info("resumed from %s (step %d)", target, atpo["step"])
     return Resumed(step=atpo["step"], extra=atpo["extra"], path=target,
-                   config_yaml=atpo.get("config_yaml"), rng_restored=same_layout)
+                   config_yaml=atpo.get("config_yaml"), rng_restored=same_layout or tp_pp_rng)
+
+
+def _check_dp_reshardable(target: Path, record: dict[str, Any], optimizer: Any, same_tp_pp: bool) -> None:
+    """Refuse, on every rank and with the conversion command, a resume that a dp_reshardable
+    optimizer state cannot follow: another TP or PP, or other gradient buckets (one per buffer
+    unless gradient reduction overlaps the backward; then megatron sizes them max(40M, 1M x DP)
+    elements, so a DP change across 40 moves them)."""
+    saved = record.get("layout", {})
+    convert = (f"Convert it once with the layout that saved it ({saved.get('world')} ranks: "
+               f"tp={saved.get('tp')} pp={saved.get('pp')} dp={saved.get('dp')}): `atpo convert "
+               f"--optim-sharding fully_reshardable {target} NEW_CHECKPOINT_DIR --nproc-per-node "
+               f"{saved.get('world')}` (under torchrun/srun on several nodes), then resume with "
+               f"checkpoint.dir=NEW_CHECKPOINT_DIR, or resume with the saving layout.")
+    if not same_tp_pp:
+        raise CheckpointError(
+            f"checkpoint {target} stores the optimizer as dp_reshardable (tp={saved.get('tp')}, "
+            f"pp={saved.get('pp')}), which loads only with the same tp and pp; this run has "
+            f"tp={_grid()[0][0]}, pp={_grid()[1][0]}. {convert}")
+    buckets = record.get("optim_buckets")
+    (_, tp_rank), (_, pp_rank), _ = _grid()
+    mine = buckets.get(f"{pp_rank},{tp_rank}") if buckets is not None else None
+    ok = _all_true(mine is None or mine == _bucket_layout(optimizer))
+    if not ok:
+        raise CheckpointError(
+            f"checkpoint {target} stores the optimizer as dp_reshardable, cut into the gradient "
+            f"buckets of dp={saved.get('dp')}; this run (dp={_grid()[2][0]}) has other buckets "
+            f"(with overlapped gradient reduction megatron sizes them max(40M, 1M x dp) elements), "
+            f"so the optimizer state cannot be mapped. {convert}")

@@ -94,17 +94,34 @@ class RolloutConfig:
     generation_batch_size: int = 64
     """Contexts per engine.generate call (hf engine); vLLM schedules its own batches."""
     tp_size: int = 1
-    """Tensor-parallel size of the inference engine (vLLM)."""
+    """Ranks per rollout engine (vLLM tensor parallelism), independent of the actor's TP x PP: every
+    rank of the job builds an engine, and each group of tp_size consecutive ranks samples its own share
+    of the prompts (``rollout/placement.py``)."""
+    vllm_executor: Literal["auto", "mp", "external_launcher"] = "auto"
+    """Where vLLM runs: in this process (external_launcher: device tensors handed over, no copy), or in
+    child processes (mp: vLLM's default); auto = external_launcher in `atpo train` (any world size),
+    mp in `atpo rollout` / `atpo eval`."""
     gpu_memory_utilization: float = 0.6
-    enable_sleep: bool = True
-    """Colocated mode: the engine frees its memory while the actor trains."""
+    kv_cache_memory_bytes: int = 0
+    """vLLM KV cache size in bytes; 0 = size it from gpu_memory_utilization (then the engine must be
+    built while that fraction of the device is free)."""
+    enable_sleep: bool | Literal["auto"] = "auto"
+    """Colocated mode: the engine frees its memory while the actor trains (vLLM sleep mode: CUDA only;
+    auto = where the platform has it)."""
     sync_bucket_mb: int = 512
     """Weight sync streams the actor's weights into the engine in buckets of this size."""
+    verify_weights_every: int = 0
+    """Every N weight syncs, fingerprint every tensor the engine received against the actor's and stop
+    the run naming a corrupted one (0 = never; the first sync is checked whenever N > 0)."""
     static_cache: bool = False
     """hf engine on GPU: static KV cache (10x faster decode measured on the H200)."""
     prefix_cache_mb: int = 1024
     """hf engine, dynamic cache: keep the KV of finished contexts (up to this many MiB) and prefill only
     what a later prompt adds to its longest kept prefix; cleared when the weights change. 0 = off."""
+    train_on_tool_errors: bool = False
+    """Keep the leaves whose last tool call failed (a query the retriever refused) as training rows.
+    False drops them before leaf sampling (counted in ``rollout/dropped_tool_error_leaves``): a
+    retriever fault is not the policy's doing, and must not become a signal against it."""
     assistant_prefix: str = ""
     """Text put (mask 0, never trained) at the start of every trajectory's first turn, e.g. "<search>"
     to cue a small model to search; empty = none (the paper)."""
@@ -181,9 +198,10 @@ class TrainConfig:
     max_generated_tokens: int = 0
     """Stop after the step at which the run has generated this many tokens (every rank, from step 1;
     ``rollout/generated_tokens_total``); 0 = no limit. ``steps`` caps the run either way."""
-    kl_coef: float = 0.0
-    """The paper trains reference-free (KL 0); > 0 loads a frozen reference model."""
-    deterministic: bool = False
+    max_nonfinite_skips: int = 0
+    """Mini-batches with a NaN/inf loss or gradient that a run may skip (weights and optimizer state
+    untouched, counted in ``actor/nonfinite_skipped``, resumes included) before it stops; 0 = stop at
+    the first."""
 
 
 @dataclass
@@ -228,7 +246,14 @@ class RetrieverConfig:
     """Corpus JSONL for the embedded server; empty = the generated task's corpus."""
     topk: int = 3
     timeout_s: float = 120.0
+    """Per request (connect and read)."""
     retries: int = 4
+    """Quick retries of a failed request (no answer, HTTP 5xx, a malformed reply), back-off 0.5 s doubling."""
+    outage_wait_s: float = 900.0
+    """When the retries fail, the step waits for the retriever (retrying, back-off up to 10 s) until this
+    many seconds after the first failure, then the run stops with an error naming the URL (its last
+    checkpoint intact); 0 = stop right after the retries. A query the retriever refuses (HTTP 4xx) is
+    not an outage: only that tool call fails (see rollout.train_on_tool_errors)."""
     max_passage_chars: int = 1000
 
 
@@ -237,9 +262,15 @@ class CheckpointConfig:
     dir: str = ""
     """Checkpoint folder; empty = <logging.run_dir>/checkpoints."""
     save_every: int = 50
-    """Save every N steps and after the last; 0 = never periodically (a preemption stop still saves)."""
+    """Save every N steps and after the last; 0 = never (only a preemption stop saves)."""
     keep_last: int = 3
     async_save: bool = False
+    optim_sharding: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """How the distributed optimizer's state is stored. dp_reshardable: every rank writes its own
+    buckets (no gather; a resume may change DP, not TP/PP). fully_reshardable: each DP group's state
+    is gathered on its DP rank 0 in model layout (any TP/PP/DP on resume; host memory on DP rank 0
+    grows with the model: `atpo plan` shows both; measured in benchmarks/results/checkpoint_host_memory_cpu.md).
+    `atpo convert --optim-sharding` turns one into the other."""
     resume: Literal["auto", "never", "required"] = "auto"
     load_hf_init: bool = True
     """Start from the model's Hugging Face weights when there is no checkpoint."""
@@ -368,6 +399,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {annotation}")
 
 
+REMOVED_KEYS = {
+    "train.kl_coef": "atpo_megatron trains without a KL term, as the paper's AT²PO runs do (KL coefficient "
+                     "0, no reference model); a value here was accepted and ignored before. Delete the key",
+    "train.deterministic": "it was never read (CPU runs are bit-reproducible without it: the seeds, the data "
+                           "order and the checkpointed RNG states fix every draw). Delete the key",
+}
+"""Keys that configs written for earlier versions (or for verl) may still hold, and why they are gone."""
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Instantiate dataclass ``cls`` from a nested dict, strictly."""
     if not isinstance(data, dict):
@@ -375,6 +415,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    for name in unknown:
+        if prefix + name in REMOVED_KEYS:
+            raise ConfigError(f"{prefix}{name} was removed: {REMOVED_KEYS[prefix + name]}")
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]}; allowed keys here: {', '.join(sorted(names))}")
     kwargs = {}

@@ -17,6 +17,26 @@ from pathlib import Path
 BUNDLED_MODELS = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct", "smollm2": "SmolLM2-135M-Instruct"}
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# config.json values of published models (the architecture fields), so that `atpo plan` can size a
+# job whose weights are not on this machine: a folder named like one of these (the last component of
+# model.name_or_path, e.g. /models/Meta-Llama-3-70B-Instruct) gets its shape from here.
+PUBLISHED_CONFIGS = {
+    "meta-llama/Meta-Llama-3-70B-Instruct": dict(
+        model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+        rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False, hidden_act="silu"),
+    "Qwen/Qwen2.5-72B-Instruct": dict(
+        model_type="qwen2", hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, vocab_size=152064, max_position_embeddings=32768,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False, hidden_act="silu",
+        use_sliding_window=False),
+    "Qwen/Qwen3-32B": dict(
+        model_type="qwen3", hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+        hidden_act="silu", use_sliding_window=False),
+}
+
 
 def cache_dir() -> Path:
     """The project's cache folder (``$ATPO_CACHE`` or ``~/.cache/atpo_megatron``)."""
@@ -36,6 +56,23 @@ def resolve_model(name_or_path: str) -> Path:
             f"download the model beforehand and pass its folder"
         )
     return path
+
+
+def model_config(name_or_path: str):
+    """The Hugging Face config of a model: its folder's ``config.json``, the bundled model's, or,
+    when neither exists here, a published model's from :data:`PUBLISHED_CONFIGS` (shape only: for
+    planning, not for training)."""
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model(name_or_path))
+    except FileNotFoundError:
+        name = Path(name_or_path).name.lower()
+        values = next((v for k, v in PUBLISHED_CONFIGS.items() if k.split("/")[-1].lower() == name), None)
+        if values is None:
+            raise
+        values = dict(values)
+        return CONFIG_MAPPING[values.pop("model_type")](**values)
 
 
 def _materialise_smollm2(target: Path) -> Path:

@@ -3,13 +3,14 @@
     rollout (trees or chains) -> rewards -> turn-wise credit -> old log-probs -> PPO mini-batches
       -> weight sync -> [greedy evaluation] -> logging -> [checkpoint] -> next step
 
-Who does what. Every rank holds its Megatron shard of the actor. The first rank of each
-model-parallel group (TP rank 0, PP rank 0: the "DP leader") also holds a rollout engine and samples
-the trees of its share of the prompts; the sequences of all leaders are then gathered on every
-rank, because ``actor.train_step`` splits a mini-batch across DP ranks by tokens itself (and so keeps
-the loss exactly seq-mean-token-mean over the whole mini-batch). After the update the actor's
-weights are gathered layer by layer into Hugging Face layout and streamed in buckets into every
-leader's engine (``weights.sync``); the engine sleeps while the actor trains.
+Who does what. Every rank holds its Megatron shard of the actor and one rollout engine on its own
+device (SPMD colocated rollouts, ``rollout/placement.py``): ``rollout.tp_size`` consecutive ranks form
+one engine, and each engine samples the trees of its share of the prompts. The sequences of all
+engines are then gathered on every rank, because ``actor.train_step`` splits a mini-batch across DP
+ranks by tokens itself (and so keeps the loss exactly seq-mean-token-mean over the whole
+mini-batch). After the update the actor's weights are gathered layer by layer into Hugging Face
+layout on every rank and streamed into its engine (``weights.sync``); engines sleep while the actor
+trains.
 
 This module knows every other one, thinly: the algorithm lives in ``algo``, the environment in
 ``env``, sampling in ``rollout``, the model and its update in ``actor``.
@@ -30,7 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from atpo_megatron.config import Config, ConfigError, dump_config, load_config
+from atpo_megatron.config import Config, ConfigError, UserError, dump_config, load_config
+from atpo_megatron.rollout_groups import GroupSearch, RolloutRank, all_gather_checked, gather_rollouts
 
 log = logging.getLogger("atpo.train")
 
@@ -76,7 +78,6 @@ class Trainer:
     """Builds the actor, the engine and the environment from a ``Config``; ``fit()`` runs the loop."""
 
     def __init__(self, cfg: Config):
-        from megatron.core import parallel_state
         from transformers import AutoConfig, AutoTokenizer
 
         from atpo_megatron import checkpoint
@@ -90,15 +91,9 @@ class Trainer:
         from atpo_megatron.rollout.tree_rollout import load_examples
 
         self.cfg = cfg
-        self.dp_size = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, seed=cfg.train.seed)
+        init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, seed=cfg.train.seed)
         self.rank = dist.get_rank()
-        self.is_leader = parallel_state.get_model_parallel_group().rank() == 0
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        if cfg.train.batch_prompts % self.dp_size:
-            raise ConfigError(
-                f"train.batch_prompts={cfg.train.batch_prompts} must be divisible by the data-parallel "
-                f"size {self.dp_size} (each DP leader samples an equal share of the prompts)"
-            )
+        self.ranks = RolloutRank.from_job(cfg)
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_dir = checkpoint.checkpoint_dir(cfg)
         if self.rank == 0:
@@ -110,7 +105,7 @@ class Trainer:
                                   f"({exc.strerror or exc}); choose a folder this job can write") from exc
         self.retriever = None
         self.search_url = self._start_retriever()
-        if self.is_leader:
+        if self.ranks.reports:
             _check_retriever(self.search_url)
         resume_from = None
         if self._saves() or self.ckpt_dir.is_dir():  # a dir from `atpo convert --from-hf` needs no saving
@@ -118,7 +113,21 @@ class Trainer:
 
         self.model_dir = _resolve_model(cfg) if self.rank == 0 else None
         self.model_dir = Path(_broadcast_object(self.model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)  # the data is checked before any model work
+        train, dropped = split_overlong(load_examples(cfg, cfg.data.train_files, "train"), tokenizer,
+                                        cfg.rollout.max_prompt_tokens)
+        if not train:
+            raise ConfigError(
+                f"all {len(dropped)} training prompts of data.train_files={cfg.data.train_files} are longer than "
+                f"rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens} tokens, so none is left to train on; "
+                f"raise rollout.max_prompt_tokens or use shorter questions")
+        self.train_data = PromptStream(train, cfg.train.batch_prompts, cfg.train.seed, cfg.data.shuffle)
+        self.eval_data = load_examples(cfg, cfg.data.eval_files, "test", cfg.data.eval_limit)
         self.hf_config = AutoConfig.from_pretrained(self.model_dir)
+        # the engine first: vLLM sizes its KV cache from the device memory that is free when it starts
+        self.engine = self.rollout = self.search = None
+        self._build_rollout()
+        self.syncs = 0
         models = build_model(self.hf_config, cfg.model, cfg.parallel)
         if resume_from is None and cfg.checkpoint.load_hf_init:
             from atpo_megatron.weights.hf_bridge import load_hf_weights
@@ -131,16 +140,11 @@ class Trainer:
         )
         attach_fp8_optimizer(self.optimizer, self.models)  # FP8 weights cached per step (no-op without FP8 layers)
 
-        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        train, dropped = split_overlong(load_examples(cfg, cfg.data.train_files, "train"), tokenizer,
-                                        cfg.rollout.max_prompt_tokens)
-        if dropped:
-            log.warning("%d training prompts are longer than rollout.max_prompt_tokens and were dropped", len(dropped))
-        self.train_data = PromptStream(train, cfg.train.batch_prompts, cfg.train.seed, cfg.data.shuffle)
-        self.eval_data = load_examples(cfg, cfg.data.eval_files, "test", cfg.data.eval_limit)
         self.start_step = 0
         self.generated_tokens = 0.0
-        """Tokens the engines generated since step 1, all leaders together (``train.max_generated_tokens``)."""
+        """Tokens the engines generated since step 1, all engines together (``train.max_generated_tokens``)."""
+        self.nonfinite_skips = 0
+        """Mini-batches skipped for a NaN/inf loss or gradient so far in this run (resumes included)."""
         self._trained_lengths: list[int] = []
         if resume_from is not None:
             if checkpoint.read_record(resume_from).get("optim_sharding") is None:  # `atpo convert --from-hf`
@@ -152,11 +156,9 @@ class Trainer:
                 self.start_step = resumed.step
                 self.train_data.position = resumed.extra["data_position"]
                 self.generated_tokens = resumed.extra.get("generated_tokens", 0.0)
+                self.nonfinite_skips = resumed.extra.get("nonfinite_skips", 0)
                 log.info("resumed from %s at step %d", resume_from, resumed.step)
 
-        self.engine = self.rollout = self.search = None
-        if self.is_leader:
-            self._build_rollout()
         self.sync_weights()  # the engine samples from the actor's exact weights from step one
 
         self.timer = StageTimer()
@@ -169,6 +171,12 @@ class Trainer:
     # -------------------------------------------------------------- set-up pieces
     def _saves(self) -> bool:
         return self.cfg.checkpoint.save_every > 0 or self.cfg.checkpoint.resume == "required"
+
+    def _save_due(self, step: int, final: bool) -> bool:
+        """A periodic save after ``step``: every ``save_every`` steps and after the ``final`` one (the
+        last step, or the one that spent ``train.max_generated_tokens``); never with 0."""
+        every = self.cfg.checkpoint.save_every
+        return every > 0 and (step % every == 0 or final)
 
     def _start_retriever(self) -> str:
         """The search endpoint: the configured URL, or our BM25 server started on rank 0."""
@@ -188,14 +196,16 @@ class Trainer:
 
     def _build_rollout(self) -> None:
         from atpo_megatron.env.search_tool import SearchClient
-        from atpo_megatron.rollout.engine import make_engine
+        from atpo_megatron.rollout.factory import make_engine
         from atpo_megatron.rollout.tree_rollout import TreeRollout
 
         cfg = self.cfg
-        self.search = SearchClient(self.search_url, topk=cfg.retriever.topk, timeout_s=cfg.retriever.timeout_s,
-                                   retries=cfg.retriever.retries, max_chars=cfg.retriever.max_passage_chars)
+        self.search = SearchClient.from_config(cfg.retriever, self.search_url)
+        if self.ranks.process_group is not None:
+            self.search = GroupSearch(self.search, self.ranks)
         # the engine samples in the actor's dtype (bf16 on a CPU with AMX is several times faster than fp32)
-        self.engine = make_engine(cfg.rollout, self.model_dir, dtype=getattr(torch, cfg.model.dtype))
+        self.engine = make_engine(cfg.rollout, self.model_dir, dtype=getattr(torch, cfg.model.dtype),
+                                  device_index=self.ranks.device_index, in_job=True)
         self.rollout = TreeRollout.from_config(self.engine, self.search, cfg)
 
     # -------------------------------------------------------------- the loop
@@ -216,7 +226,7 @@ class Trainer:
             for step in bar:
                 self.profiler.step(step + 1)  # steps are numbered from 1, as in the logs
                 last = self.train_one_step(step)
-                self.generated_tokens += last.get("rollout/generated_tokens", 0.0) * self.dp_size
+                self.generated_tokens += last.get("rollout/generated_tokens", 0.0)  # every engine's (merged)
                 last["rollout/generated_tokens_total"] = self.generated_tokens
                 budget = cfg.train.max_generated_tokens
                 final = step + 1 == cfg.train.steps or (budget > 0 and self.generated_tokens >= budget)
@@ -233,9 +243,10 @@ class Trainer:
                 checkpoint.finalize_async_saves()
                 stop = self.preemption.should_stop()
                 # A stop always saves (even with save_every=0): the requeued job must resume from it.
-                if stop or (self._saves() and ((step + 1) % max(cfg.checkpoint.save_every, 1) == 0 or final)):
+                if stop or self._save_due(step + 1, final):
                     self.save(step + 1)
-                if final and step + 1 < cfg.train.steps:
+                    stop = self.preemption.should_stop()  # a signal during the save: resume from that one
+                if final and step + 1 < cfg.train.steps and not stop:
                     log.info("train.max_generated_tokens=%d reached (%d generated): stopping after step %d",
                              budget, self.generated_tokens, step + 1)
                     break
@@ -266,24 +277,30 @@ class Trainer:
         cfg = self.cfg
         metrics: dict[str, float] = {}
         prompts = self.train_data.next_batch()
-        share = cfg.train.batch_prompts // self.dp_size
+        mine = self.ranks.my_prompts(prompts)
         with self.timer.stage("rollout"):
-            local = None
-            if self.is_leader:
+            local = error = None
+            try:
                 self.engine.wake()
-                mine = prompts[self.dp_rank * share:(self.dp_rank + 1) * share]
-                local = self.rollout.rollout(mine, seed=cfg.train.seed * 100_003 + step * 1009 + self.dp_rank)
+                local = self.rollout.rollout(mine, seed=cfg.train.seed * 100_003 + step * 1009 + self.ranks.group)
                 self.engine.sleep()
-            sequences, stats = _gather_rollouts(local, self.dp_rank, share)
+            except Exception as exc:  # e.g. the retriever's outage deadline passed
+                error = exc
+            sequences, stats = gather_rollouts(local, self.ranks, len(mine), error)
         metrics.update(stats)
-        if self.rank == 0 and cfg.logging.save_tree_pictures and local is not None:
+        if self.rank == 0 and cfg.logging.save_tree_pictures:
             self._save_trees(step, local)
+        if not sequences:  # every leaf ended in a failed tool call and was dropped
+            log.warning("step %d: no trajectory is left to train on (see rollout/dropped_tool_error_leaves); "
+                        "the update is skipped", step + 1)
+            self._trained_lengths = []
+            return metrics
 
         with self.timer.stage("old_logprobs"):
-            old = compute_logprobs(self.models, sequences, max_tokens=cfg.train.micro_batch_tokens * 2,
-                                   temperature=cfg.rollout.sampling.temperature,
-                                   vocab_size=self.hf_config.vocab_size)
-            metrics.update(_mismatch(sequences, old))
+            old, raw = compute_logprobs(self.models, sequences, max_tokens=cfg.train.micro_batch_tokens * 2,
+                                        temperature=cfg.rollout.sampling.temperature,
+                                        vocab_size=self.hf_config.vocab_size, with_raw=True)
+            metrics.update(_mismatch(sequences, raw))
             for seq, lp in zip(sequences, old):
                 seq.old_logprobs = lp.tolist()
 
@@ -297,21 +314,29 @@ class Trainer:
         return metrics
 
     def _update(self, sequences: list, train_step) -> dict[str, float]:
-        """PPO mini-batches of ``mini_batch_prompts`` prompts each, ``ppo_epochs`` passes; mean metrics."""
+        """PPO mini-batches of ``mini_batch_prompts`` prompts each, ``ppo_epochs`` passes; mean metrics.
+        A mini-batch with a non-finite loss or gradient is skipped, up to ``train.max_nonfinite_skips``."""
+        from atpo_megatron.actor.train_step import NonFiniteError
+
         cfg = self.cfg
         by_prompt: dict[int, list] = {}
         for seq in sequences:
             by_prompt.setdefault(seq.tree_index, []).append(seq)
         prompt_ids = sorted(by_prompt)
         sums: dict[str, float] = {}
-        n = 0
+        n = skipped = 0
         for _ in range(cfg.train.ppo_epochs):
             for start in range(0, len(prompt_ids), cfg.train.mini_batch_prompts):
                 mini = [s for p in prompt_ids[start:start + cfg.train.mini_batch_prompts] for s in by_prompt[p]]
-                out = train_step(self.models, self.optimizer, mini, cfg.loss.name, cfg.loss.clip_kwargs(),
-                                 max_tokens=cfg.train.micro_batch_tokens,
-                                 temperature=cfg.rollout.sampling.temperature,
-                                 vocab_size=self.hf_config.vocab_size)
+                try:
+                    out = train_step(self.models, self.optimizer, mini, cfg.loss.name, cfg.loss.clip_kwargs(),
+                                     max_tokens=cfg.train.micro_batch_tokens,
+                                     temperature=cfg.rollout.sampling.temperature,
+                                     vocab_size=self.hf_config.vocab_size)
+                except NonFiniteError as exc:  # raised on every rank; weights and optimizer untouched
+                    self._skip_nonfinite(exc)
+                    skipped += 1
+                    continue
                 self.scheduler.step(1)
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
@@ -320,33 +345,53 @@ class Trainer:
         result["actor/loss"] = result.get("actor/pg_loss", float("nan"))
         result["actor/lr"] = self.optimizer.param_groups[0]["lr"]
         result["actor/updates"] = float(n)
+        result["actor/nonfinite_skipped"] = float(skipped)
         return result
 
+    def _skip_nonfinite(self, exc: Exception) -> None:
+        """Count a mini-batch skipped for a NaN/inf loss or gradient; past ``train.max_nonfinite_skips`` stop."""
+        from atpo_megatron import checkpoint
+
+        self.nonfinite_skips += 1
+        limit = self.cfg.train.max_nonfinite_skips
+        if self.nonfinite_skips > limit:
+            last = checkpoint.read_latest(self.ckpt_dir) if self.ckpt_dir.is_dir() else None
+            raise TrainingDivergedError(
+                f"{self.nonfinite_skips} mini-batches had a non-finite loss or gradient, more than "
+                f"train.max_nonfinite_skips={limit} ({exc}); the run stops "
+                f"{f'(the last checkpoint is step {last})' if last is not None else '(no checkpoint was saved)'}; "
+                f"resume with a lower optimizer.lr, or allow more skips") from exc
+        log.warning("skipped a mini-batch with a non-finite loss or gradient (%d of train.max_nonfinite_skips=%d): %s",
+                    self.nonfinite_skips, limit, exc)
+
     def sync_weights(self) -> dict[str, float]:
-        """Stream the actor's weights into every leader's engine (a collective over all ranks)."""
+        """Stream the actor's weights into every rank's engine (a collective over all ranks); every
+        ``rollout.verify_weights_every`` syncs (the first included) the engine fingerprints what it got."""
         from atpo_megatron.weights.hf_bridge import export_hf_weights
         from atpo_megatron.weights.sync import sync_weights
 
-        if self.engine is not None:
-            self.engine.wake()
+        every = self.cfg.rollout.verify_weights_every
         stats = sync_weights(export_hf_weights(self.models), self.engine,
-                             self.cfg.rollout.sync_bucket_mb << 20)
+                             verify=every > 0 and self.syncs % every == 0)
+        self.syncs += 1
         return stats.metrics()
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy evaluation on the eval set, split across DP leaders; EM per source and micro-average."""
+        """Greedy evaluation on the eval set, split across the rollout engines; EM per source and micro-average."""
         from atpo_megatron.evaluate import evaluate, summarize
 
-        samples = []
-        if self.is_leader:
+        samples, error = [], None
+        try:
             self.engine.wake()
-            mine = self.eval_data[self.dp_rank::self.dp_size]
+            mine = self.ranks.my_eval_examples(self.eval_data)
             if mine:
                 samples = evaluate(self.engine, self.search, mine, self.cfg, progress=False)["samples"]
             self.engine.sleep()
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, samples)
-        report = summarize([s for part in gathered for s in part])
+        except Exception as exc:
+            error = exc
+        if not self.ranks.reports:
+            samples = []
+        report = summarize([s for part in all_gather_checked(samples, error) for s in part])
         out = {"eval/em_avg": report["avg"]["em"], "eval/f1_avg": report["avg"]["f1"],
                "eval/turns_avg": report["avg"]["turns"], "eval/tool_calls_avg": report["avg"]["tool_calls"],
                "eval/distinct_answers": report["avg"]["distinct_answers"]}
@@ -359,8 +404,10 @@ class Trainer:
         with self.timer.stage("checkpoint"):
             checkpoint.save(self.ckpt_dir, step, self.models, self.optimizer, self.scheduler,
                             extra={"data_position": self.train_data.position,
-                                   "generated_tokens": self.generated_tokens}, config=self.cfg,
-                            keep_last=self.cfg.checkpoint.keep_last, async_save=self.cfg.checkpoint.async_save)
+                                   "generated_tokens": self.generated_tokens,
+                                   "nonfinite_skips": self.nonfinite_skips}, config=self.cfg,
+                            keep_last=self.cfg.checkpoint.keep_last, async_save=self.cfg.checkpoint.async_save,
+                            optim_sharding=self.cfg.checkpoint.optim_sharding)
 
     def close(self) -> None:
         from atpo_megatron import checkpoint
@@ -373,6 +420,8 @@ class Trainer:
             self.search.close()
         if self.retriever is not None:
             self.retriever.stop()
+        if self.engine is not None:
+            self.engine.close()  # last: an in-process vLLM engine tears torch.distributed down with it
 
     # -------------------------------------------------------------- helpers
     def _save_trees(self, step: int, batch) -> None:
@@ -405,24 +454,14 @@ def _broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def _gather_rollouts(local, dp_rank: int, share: int) -> tuple[list, dict[str, float]]:
-    """Every leader's sequences on every rank, prompts renumbered globally; stats averaged over leaders."""
-    payload = None
-    if local is not None:
-        for seq in local.sequences:
-            seq.tree_index += dp_rank * share
-        payload = (local.sequences, local.stats)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, payload)
-    parts = [p for p in gathered if p is not None]
-    sequences = [s for seqs, _ in parts for s in seqs]
-    keys = set().union(*(stats.keys() for _, stats in parts))
-    stats = {k: sum(st.get(k, 0.0) for _, st in parts) / len(parts) for k in keys}
-    return sequences, stats
+class TrainingDivergedError(UserError, RuntimeError):
+    """More non-finite mini-batches than ``train.max_nonfinite_skips`` allows."""
 
 
 def _mismatch(sequences: list, actor_logprobs: list) -> dict[str, float]:
-    """Train–inference log-prob mismatch over loss tokens (engine sampler vs actor recomputation)."""
+    """Train–inference log-prob mismatch over loss tokens: the engine's log-probs (raw, temperature 1,
+    rollout/engine.py) against the actor's recomputed ones at temperature 1 (``with_raw``), so at any
+    sampling temperature it measures only the engines' numerical difference."""
     diffs = []
     for seq, lp in zip(sequences, actor_logprobs):
         mask = torch.tensor(seq.loss_mask, dtype=torch.bool)
@@ -449,13 +488,16 @@ def _resolve_model(cfg: Config) -> Path:
 
 def _check_retriever(url: str) -> None:
     """Fail fast (one try, short timeout), before any model work, when the search endpoint is down."""
-    from atpo_megatron.env.search_tool import SearchClient
+    from atpo_megatron.env.search_tool import RetrieverUnavailableError, SearchClient
 
     with SearchClient(url, retries=0, timeout_s=10.0) as probe:
-        result = probe.search_batch(["health check"])[0]
-    if not result.ok:
+        try:
+            error = probe.search_batch(["health check"])[0].error
+        except RetrieverUnavailableError as exc:
+            error = str(exc.__cause__)
+    if error is not None:
         raise ConfigError(
-            f"retriever.url: the retriever at {url} does not answer ({result.error}); start it with "
+            f"retriever.url: the retriever at {url} does not answer ({error}); start it with "
             f"`atpo retriever serve --corpus CORPUS --port PORT` or set retriever.url=embedded"
         )
 

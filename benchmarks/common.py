@@ -155,6 +155,27 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(out)
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux ``VmRSS``)."""
+    return _status_kib("VmRSS") << 10
+
+
+def reset_peak_rss() -> None:
+    """Restart the peak-RSS counter (``VmHWM``) at the current RSS (Linux: write 5 to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since the last :func:`reset_peak_rss` (``VmHWM``)."""
+    return _status_kib("VmHWM") << 10
+
+
 def write_json(path: str | Path, payload: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

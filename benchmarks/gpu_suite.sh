@@ -59,6 +59,7 @@ if [[ ${SUITE_SMOKE:-0} == 1 ]]; then  # a CPU run of this script's plumbing wit
   FP8=(--preset cpu --loss-steps 4 --repeat 1 --warmup 0)
   ROLLOUT=(--model tiny --batch 2 --prompt-len 8 --new-tokens 8 --tree 2,1,2 --turns 3 --turn-tokens 24)
   SYNC=(--model tiny --repeat 1)
+  IPC=()
   LOSS=(--sequences 2 --tokens 128)
   A13=(--preset tiny --attention both --steps 1 --warmup 0)
   A8S=(--preset tiny --attention sdpa --steps 1 --warmup 0)
@@ -68,6 +69,7 @@ else
   ROLLOUT=(--model 0.5b --batch 64 --prompt-len 256 --new-tokens 128 --engines hf,hf-static
            --tree 10,2,6 --prompts 2 --turns 4 --turn-tokens 64)
   SYNC=(--model 8b --repeat 3)
+  IPC=(--ipc)  # the CUDA IPC transport into another process (what a vLLM worker in mp mode receives)
   LOSS=(--sequences 64 --tokens 8192 --turns 6)
   A13=(--preset 1.3b --optimizer sgd --attention both --steps 3 --warmup 1)
   A8S=(--preset 8b --optimizer sgd --attention sdpa --steps 3 --warmup 1)
@@ -76,7 +78,7 @@ fi
 
 step fp8_linear 120 $PY benchmarks/fp8_linear.py "${FP8[@]}" --json "$OUT/fp8_linear.json"
 step rollout 110 $PY benchmarks/rollout.py "${ROLLOUT[@]}" --json "$OUT/rollout.json"
-step weight_sync 90 $PY benchmarks/weight_sync.py "${SYNC[@]}" --json "$OUT/weight_sync.json"
+step weight_sync 120 $PY benchmarks/weight_sync.py "${SYNC[@]}" "${IPC[@]}" --json "$OUT/weight_sync.json"
 step loss 60 $PY benchmarks/loss.py "${LOSS[@]}" --json "$OUT/loss.json"
 step actor_1.3b 120 $PY benchmarks/actor_step.py "${A13[@]}" --json "$OUT/actor_step_1.3b.json"
 step actor_8b_sdpa 100 $PY benchmarks/actor_step.py "${A8S[@]}" --json "$OUT/actor_step_8b_sdpa.json"
@@ -123,6 +125,9 @@ if w:
         line("  N/t over datasheet bandwidth", f"{100 * x['weights_fraction_of_datasheet']:.0f}%", "target >= 50% (a copy caps at 50%)")
         line("  traffic 2N/t over datasheet bandwidth", f"{100 * x['traffic_fraction_of_datasheet']:.0f}%")
     line("  traffic 2N/t over measured copy rate", f"{100 * x['traffic_fraction_of_copy']:.0f}%")
+    for t in w.get("transports", []):
+        line(f"  transport {t['transport']}", f"{t['weights_gb_per_s']:,.2f} GB/s",
+             f"2N/t = {100 * t['fraction_of_copy']:.0f}% of the copy rate")
 l = load("loss")
 if l:
     for x in l["results"]:

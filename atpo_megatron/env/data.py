@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from atpo_megatron.config import UserError
 
-class DatasetError(ValueError):
-    """A dataset file is missing or has a malformed row."""
+
+class DatasetError(UserError, ValueError):
+    """A dataset file is missing or has a malformed row (the CLI prints it as one line)."""
 
 
 @dataclass

@@ -25,19 +25,21 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 logger = logging.getLogger(__name__)
 
@@ -268,20 +270,46 @@ def sentence_transformer_embedder(
     return embed
 
 
-class RetrieveRequest(BaseModel):
-    """Body of ``POST /retrieve``."""
+# Request limits: anything larger is refused with a 4xx naming the limit, before any search work.
+MAX_REQUEST_BYTES = 16 << 20
+MAX_QUERIES = 8192
+MAX_QUERY_CHARS = 8192
+MAX_TOPK = 100
 
-    queries: list[str]
-    topk: int | None = Field(default=None, ge=0, description="0 or missing: the server default")
+
+class RetrieveRequest(BaseModel):
+    """Body of ``POST /retrieve`` (invalid: HTTP 422 with FastAPI's ``detail`` list of what is wrong)."""
+
+    queries: list[Annotated[str, StringConstraints(max_length=MAX_QUERY_CHARS)]] = Field(max_length=MAX_QUERIES)
+    topk: int | None = Field(default=None, ge=0, le=MAX_TOPK, description="0 or missing: the server default")
     return_scores: bool = False
 
 
-def create_app(corpus: Corpus, backend: Backend, default_topk: int = 3) -> Any:
-    """The FastAPI app; searches run in a thread pool so concurrent requests overlap."""
+def create_app(corpus: Corpus, backend: Backend, default_topk: int = 3,
+               max_request_bytes: int = MAX_REQUEST_BYTES) -> Any:
+    """The FastAPI app; searches run in a thread pool so concurrent requests overlap.
+
+    A POST without a Content-Length gets HTTP 411, one with a body over ``max_request_bytes`` HTTP
+    413, both with ``{"detail": message}``, before the body is read.
+    """
     from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(title="atpo_megatron retriever")
+
+    @app.middleware("http")
+    async def limit_request_size(request, call_next):
+        if request.method == "POST":
+            length = request.headers.get("content-length", "")
+            if not length.isdigit():
+                return JSONResponse({"detail": "POST needs a Content-Length header (chunked bodies are refused)"},
+                                    status_code=411)
+            if int(length) > max_request_bytes:
+                return JSONResponse({"detail": f"request body of {int(length)} bytes is larger than this server's "
+                                               f"limit of {max_request_bytes} bytes; send fewer queries per request"},
+                                    status_code=413)
+        return await call_next(request)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -382,7 +410,8 @@ class RetrieverServer:
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "atpo_megatron.env.retriever", "serve", "--corpus", str(self.corpus),
-               "--host", self.host, "--port", str(self.port), "--backend", self.backend, "--topk", str(self.topk)]
+               "--host", self.host, "--port", str(self.port), "--backend", self.backend, "--topk", str(self.topk),
+               "--parent-pid", str(os.getpid())]
         if self.cache_dir is not None:
             cmd += ["--cache-dir", str(self.cache_dir)]
         return cmd
@@ -423,6 +452,12 @@ class RetrieverServer:
             return ""
         return self._log_path.read_text(errors="replace")[-chars:]
 
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would (its log is kept; :meth:`stop` still cleans up)."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+
     def stop(self, timeout_s: float = 5.0) -> None:
         """Terminate the server (kill it if it does not exit within ``timeout_s``)."""
         if self._process is not None and self._process.poll() is None:
@@ -457,11 +492,27 @@ def add_retriever_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="index cache folder (default: $ATPO_CACHE/retriever)")
     parser.add_argument("--model", default=DEFAULT_DENSE_MODEL, help="sentence-transformers model (dense backend)")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--parent-pid", type=int, default=0,
+                        help="stop when the process with this pid ends, even if it was killed (RetrieverServer "
+                             "passes its own, so a trainer killed with SIGKILL leaves no server behind)")
+
+
+def _stop_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """A daemon thread: SIGTERM this server (a clean uvicorn shutdown) once ``parent_pid`` is no longer its parent."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        logger.warning("the process that started this retriever (pid %d) ended; stopping", parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
 
 
 def retriever_main(args: argparse.Namespace) -> int:
     """Run ``serve`` from parsed ``add_retriever_arguments`` options; returns the exit code."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    if args.parent_pid:
+        _stop_with_parent(args.parent_pid)
     try:
         serve(args.corpus, args.host, args.port, args.backend, topk=args.topk,
               cache_dir=args.cache_dir, model=args.model, log_level=args.log_level)

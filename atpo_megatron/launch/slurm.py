@@ -21,6 +21,11 @@ writer's multiprocessing manager, data-loader and inference workers) die of USR1
 seen here as ``BrokenPipeError`` in the next ``dist_checkpointing.save``. torchrun itself runs with
 USR1 ignored, so a stray ``scancel --signal=USR1`` (without ``--batch``) cannot kill it.
 
+Before rendering, a GPU job is planned (``atpo plan``, :mod:`atpo_megatron.plan`): a layout that
+does not fit its GPUs is refused with the numbers (``force=True`` / ``--force`` renders it anyway),
+and the plan is printed into the job's log at every (re)start. ``--launcher nemo-run`` submits the
+same job through nemo-run's SlurmExecutor instead (:mod:`atpo_megatron.launch.nemo`).
+
 The config is read again at every (re)start: do not edit the YAML of a queued or running job.
 """
 
@@ -32,10 +37,12 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from ..config import ConfigError, UserError, load_config
+from ..plan.command import add_plan_options
 
 
 class SlurmError(UserError, ValueError):
@@ -101,6 +108,102 @@ def _check_allocation(cfg_path, overrides, nodes: int, nproc: int, gpus_per_node
     return cfg
 
 
+def checked_plan(cfg_path: str | Path, overrides: Sequence[str], *, nodes: int, gpus_per_node: int,
+                 plan: Mapping[str, Any] | None = None, force: bool = False) -> str:
+    """Plan the job (``plan``: gpu, fs_gbps, host_memory_gib) and return the plan's text; a plan
+    that does not fit raises :class:`SlurmError` with its numbers unless ``force``."""
+    from ..plan.command import plan_for, render, verdict_line
+
+    result = plan_for(str(cfg_path), overrides, nodes=nodes, gpus_per_node=gpus_per_node, **dict(plan or {}))
+    if result.verdict == "does not fit" and not force:
+        fix = f"; would fit with {result.suggestions[0]}" if result.suggestions else ""
+        raise SlurmError(f"the plan says this job does not fit: {verdict_line(result)}{fix}. `atpo plan {cfg_path} "
+                         f"--nodes {nodes} --gpus-per-node {gpus_per_node}` prints the breakdown; --force "
+                         f"submits anyway")
+    return render(result)
+
+
+def job_environment(run_dir: Path, ckpt: Path | None, out_dir: Path, *, gpus_per_node: int,
+                    cpus_per_task: int | None, nproc: int) -> list[str]:
+    """The shell lines every launcher runs in the batch shell before the ranks start: where the run
+    and its checkpoints live, the preemption stop file, and NCCL/CUDA (GPU) or OpenMP (CPU)."""
+    q = shlex.quote
+    lines = [f"export ATPO_RUN_DIR={q(str(run_dir))}"]
+    if ckpt is not None:
+        lines.append(f"export ATPO_CHECKPOINT_DIR={q(str(ckpt))}")
+    lines += [f'export ATPO_STOP_FILE="{out_dir}/stop-$SLURM_JOB_ID"',
+              'rm -f "$ATPO_STOP_FILE"  # left by the previous run of a requeued job']
+    if gpus_per_node:
+        lines += ["", "# --- NCCL / CUDA (a value already set in the submitting environment wins)"]
+        for var, default, why in NCCL_ENV:
+            lines.append(f"export {var}=${{{var}:-{default}}}  # {why}")
+        lines.append(f"export CUDA_DEVICE_MAX_CONNECTIONS={CUDA_DEVICE_MAX_CONNECTIONS}  "
+                     f"# megatron: TP comm/compute overlap needs in-order kernel launch")
+    elif cpus_per_task:
+        lines.append(f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{max(1, cpus_per_task // nproc)}}}")
+    return lines
+
+
+def plan_lines(plan_text: str | None) -> list[str]:
+    """Shell lines that print the job's plan into its log (at every start and restart)."""
+    if plan_text is None:
+        return []
+    return ["", "# --- the plan this job was submitted with (atpo plan), printed into the log at every start",
+            "cat <<'ATPO_PLAN'", *plan_text.rstrip("\n").splitlines(), "ATPO_PLAN"]
+
+
+# SLURM sends USR1 to the batch shell only (--signal=B:USR1@...): the ranks watch this file.
+USR1_TRAP = ("trap 'echo \"[atpo] USR1 at $(date +%T): asking the ranks to save and requeue\"; "
+             "touch \"$ATPO_STOP_FILE\"' USR1")
+
+
+def ranks_per_node(nodes: int, gpus_per_node: int, nproc_per_node: int | None, time: str,
+                   signal_seconds: int) -> int:
+    """Check the allocation options; return the ranks each node starts."""
+    if nodes < 1:
+        raise SlurmError(f"--nodes {nodes}: need at least one node")
+    if gpus_per_node < 0:
+        raise SlurmError(f"--gpus-per-node {gpus_per_node} must be >= 0 (0 = a CPU job)")
+    if gpus_per_node == 0 and not nproc_per_node:
+        raise SlurmError("a CPU job (--gpus-per-node 0) needs --nproc-per-node: how many ranks per node")
+    if gpus_per_node and nproc_per_node not in (None, gpus_per_node):
+        raise SlurmError(f"--nproc-per-node {nproc_per_node} with --gpus-per-node {gpus_per_node}: "
+                         f"GPU jobs run one rank per GPU; drop --nproc-per-node")
+    limit = parse_time_limit(time)
+    if not 0 < signal_seconds < limit:
+        raise SlurmError(f"--signal-seconds {signal_seconds} must be between 0 and the time limit "
+                         f"{time} ({limit} s): the job needs that warning to save before it is killed")
+    return nproc_per_node or gpus_per_node
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a launcher needs to know about a checked job."""
+
+    run_dir: Path
+    checkpoint_dir: Path
+    out_dir: Path
+    """Where SLURM (or nemo-run's srun) logs go and the preemption stop file lives."""
+    plan_text: str | None
+    """The plan printed into the job's log (GPU jobs)."""
+
+
+def prepare_job(cfg_path: str | Path, overrides: Sequence[str], *, nodes: int, nproc: int, gpus_per_node: int,
+                output_dir: str | Path | None = None, plan: Mapping[str, Any] | None = None,
+                force: bool = False) -> Job:
+    """Check the config against the allocation, plan a GPU job (refusing one that does not fit
+    unless ``force``), and say where its run, checkpoints and logs go."""
+    from ..checkpoint import checkpoint_dir
+
+    cfg = _check_allocation(cfg_path, overrides, nodes, nproc, gpus_per_node)
+    plan_text = None
+    if gpus_per_node:
+        plan_text = checked_plan(cfg_path, overrides, nodes=nodes, gpus_per_node=gpus_per_node, plan=plan,
+                                 force=force)
+    run_dir = Path(cfg.logging.run_dir)
+    return Job(run_dir, checkpoint_dir(cfg), Path(output_dir) if output_dir else run_dir / "slurm", plan_text)
+
+
 def render_sbatch(
     cfg_path: str | Path | None,
     overrides: Sequence[str] = (),
@@ -122,6 +225,8 @@ def render_sbatch(
     sbatch_args: Sequence[str] = (),
     program: Sequence[str] | None = None,
     master_port: int | None = None,
+    plan: Mapping[str, Any] | None = None,
+    force: bool = False,
 ) -> str:
     """The text of an sbatch script that runs ``atpo train cfg_path overrides`` on the allocation.
 
@@ -139,33 +244,20 @@ def render_sbatch(
     exclusive: whole nodes (default: yes for GPU jobs, no for CPU jobs).
     sbatch_args: more ``#SBATCH`` options verbatim, e.g. ``("--qos=high", "--constraint=h100")``.
     program: what torchrun runs on every rank instead of ``atpo train ...`` (tests use a toy loop).
+    plan, force: a GPU job with a config is planned first (:func:`checked_plan`; ``plan`` holds its
+        gpu, fs_gbps and host_memory_gib); the plan goes into the script, which prints it.
     """
-    if nodes < 1:
-        raise SlurmError(f"--nodes {nodes}: need at least one node")
-    if gpus_per_node < 0:
-        raise SlurmError(f"--gpus-per-node {gpus_per_node} must be >= 0 (0 = a CPU job)")
-    if gpus_per_node == 0 and not nproc_per_node:
-        raise SlurmError("a CPU job (--gpus-per-node 0) needs --nproc-per-node: how many ranks per node")
-    if gpus_per_node and nproc_per_node not in (None, gpus_per_node):
-        raise SlurmError(f"--nproc-per-node {nproc_per_node} with --gpus-per-node {gpus_per_node}: "
-                         f"GPU jobs run one rank per GPU; drop --nproc-per-node")
-    nproc = nproc_per_node or gpus_per_node
-    limit = parse_time_limit(time)
-    if not 0 < signal_seconds < limit:
-        raise SlurmError(f"--signal-seconds {signal_seconds} must be between 0 and the time limit "
-                         f"{time} ({limit} s): the job needs that warning to save before it is killed")
+    nproc = ranks_per_node(nodes, gpus_per_node, nproc_per_node, time, signal_seconds)
     if cfg_path is not None:
-        cfg = _check_allocation(cfg_path, overrides, nodes, nproc, gpus_per_node)
-        run_dir = Path(cfg.logging.run_dir)
-        from ..checkpoint import checkpoint_dir
-
-        ckpt = checkpoint_dir(cfg)
+        job = prepare_job(cfg_path, overrides, nodes=nodes, nproc=nproc, gpus_per_node=gpus_per_node,
+                          output_dir=output_dir, plan=plan, force=force)
+        run_dir, ckpt, out_dir, plan_text = job.run_dir, job.checkpoint_dir, job.out_dir, job.plan_text
         train_args = ["train", str(cfg_path), *overrides]
     else:
         if overrides:
             raise SlurmError("overrides need a config path (cfg_path=None takes both from the script's arguments)")
-        run_dir, ckpt, train_args = Path("runs/atpo"), None, None
-    out_dir = Path(output_dir) if output_dir else run_dir / "slurm"
+        run_dir, ckpt, train_args, plan_text = Path("runs/atpo"), None, None, None
+        out_dir = Path(output_dir) if output_dir else run_dir / "slurm"
     if exclusive is None:
         exclusive = gpus_per_node > 0
 
@@ -195,22 +287,11 @@ def render_sbatch(
              *[f"#SBATCH {a}" for a in sb],
              "",
              "set -euo pipefail"]
+    lines += plan_lines(plan_text)
     if setup:
         lines += ["", "# --- environment setup", *setup]
-    lines += ["",
-              f"export ATPO_RUN_DIR={q(str(run_dir))}"]
-    if ckpt is not None:
-        lines.append(f"export ATPO_CHECKPOINT_DIR={q(str(ckpt))}")
-    lines += [f'export ATPO_STOP_FILE="{out_dir}/stop-$SLURM_JOB_ID"',
-              'rm -f "$ATPO_STOP_FILE"  # left by the previous run of a requeued job']
-    if gpus_per_node:
-        lines += ["", "# --- NCCL / CUDA (a value already set in the submitting environment wins)"]
-        for var, default, why in NCCL_ENV:
-            lines.append(f"export {var}=${{{var}:-{default}}}  # {why}")
-        lines.append(f"export CUDA_DEVICE_MAX_CONNECTIONS={CUDA_DEVICE_MAX_CONNECTIONS}  "
-                     f"# megatron: TP comm/compute overlap needs in-order kernel launch")
-    elif cpus_per_task:
-        lines.append(f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{max(1, cpus_per_task // nproc)}}}")
+    lines += ["", *job_environment(run_dir, ckpt, out_dir, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
+                                   nproc=nproc)]
     port = str(master_port) if master_port else "$((20000 + SLURM_JOB_ID % 20000))"
     lines += [
         "",
@@ -224,7 +305,7 @@ def render_sbatch(
         "# --- preemption: SLURM sends USR1 to this shell before the time limit (--signal=B:USR1@...).",
         "# The ranks look for the stop file after every step; they save, then `scontrol requeue` the job.",
         "# (Not relayed as a signal: a step signal reaches every process of the step, helpers included.)",
-        "trap 'echo \"[atpo] USR1 at $(date +%T): asking the ranks to save and requeue\"; touch \"$ATPO_STOP_FILE\"' USR1",
+        USR1_TRAP,
         "",
         "# One torchrun per node, with USR1 ignored (its default action would kill torchrun).",
         'srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \\',
@@ -308,6 +389,11 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="extra #SBATCH option, e.g. --sbatch-arg=--qos=high (repeatable)")
     parser.add_argument("--no-exclusive", action="store_true", help="share nodes with other jobs")
     parser.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    parser.add_argument("--launcher", choices=["sbatch", "nemo-run"], default="sbatch",
+                        help="sbatch our script (default), or submit the same job through nemo-run's "
+                             "SlurmExecutor (pip install --no-deps -r requirements/nemo-run.txt)")
+    parser.add_argument("--force", action="store_true", help="submit even when the plan says the job does not fit")
+    add_plan_options(parser)
     return parser
 
 
@@ -317,8 +403,15 @@ def submit_main(args: argparse.Namespace) -> int:
                   partition=args.partition, account=args.account, time=args.time, job_name=args.job_name,
                   cpus_per_task=args.cpus_per_task, mem=args.mem, signal_seconds=args.signal_seconds,
                   output_dir=args.output_dir, setup=args.setup, sbatch_args=args.sbatch_args,
-                  exclusive=False if args.no_exclusive else None)
+                  exclusive=False if args.no_exclusive else None, force=args.force,
+                  plan={"gpu": args.gpu, "fs_gbps": args.fs_gbps, "host_memory_gib": args.host_memory_gib})
     try:
+        if args.launcher == "nemo-run":
+            from .nemo import submit_nemo
+
+            result = submit_nemo(args.config, args.overrides, dry_run=args.dry_run, **kwargs)
+            print(result)
+            return 0
         if args.dry_run:
             sys.stdout.write(render_sbatch(args.config, args.overrides, **kwargs))
             return 0

@@ -9,7 +9,9 @@ What a completion does to its branch (``finish_reason`` of the engine → what h
 
 * ``"eos"``: the node becomes a leaf (``"eos"``).
 * ``"length"``: a leaf (``"length"``) when the response budget is spent; when only the per-call cap
-  ``rollout.max_turn_tokens`` cut it, the same node keeps generating next round.
+  ``rollout.max_turn_tokens`` cut it, the same node keeps generating next round. A stop string begun
+  at the end of one call and completed in the next (which the engine, matching in its own output
+  only, cannot see) is found here: the completion is cut after the token completing it, as "stop".
 * ``"stop"`` (``</search>``), in this order:
   - the path already executed ``tool_call_limit`` calls: the masked :data:`TOOL_LIMIT_NOTICE` is
     appended and the same node keeps generating (leaf ``"length"`` if the notice does not fit);
@@ -103,6 +105,10 @@ class LoopStats:
     tool_errors: int = 0
     generated_tokens: int = 0
     """Tokens produced by the engine and kept in the trees (mask 1)."""
+    context_tokens: int = 0
+    """Tokens of the contexts sent to the engine (its prefill work before any cache)."""
+    cached_tokens: int = 0
+    """Of those, tokens the engine's prefix cache served."""
     observation_tokens: int = 0
     """Tool-result tokens inserted (mask 0)."""
     limit_notices: int = 0
@@ -225,6 +231,7 @@ class AgentLoop:
         self.result_tail_ids = self.encode("\n</result>")
         # the smallest observation worth inserting: an empty result block
         self.min_result = len(self.encode(format_tool_result("")))
+        self._stop_window = 4 * max(map(len, STOP_STRINGS))  # tokens holding any begun stop string
         self.stats = LoopStats()
 
     def encode(self, text: str) -> list[int]:
@@ -274,6 +281,8 @@ class AgentLoop:
                 f"engine.generate returned {len(completions)} completions for {len(branches)} prompts; "
                 "an Engine must return exactly one completion per prompt, in order"
             )
+        self.stats.context_tokens += sum(map(len, contexts))
+        self.stats.cached_tokens += sum(c.cached_tokens for c in completions)
         still_open: list[Branch] = []
         calls: list[tuple[Branch, str]] = []
         for b, c, cap in zip(branches, completions, caps):
@@ -302,10 +311,14 @@ class AgentLoop:
             raise RuntimeError(f"completion has {len(ids)} tokens but {len(lps)} log-probs; the engine is broken")
         if reason not in ("stop", "eos", "length"):
             raise RuntimeError(f"unknown finish_reason {reason!r}; an Engine returns 'stop', 'eos' or 'length'")
+        node = b.tree.nodes[b.node]
+        if node.mask and node.mask[-1] == 1:  # the node's previous call was cut by the per-call cap
+            end = self._stop_across_calls(node.tokens, ids)
+            if end:
+                ids, lps, reason = ids[:end], lps[:end], "stop"
         if len(ids) > cap:
             ids, lps, reason = ids[:cap], lps[:cap], "length"
             self.stats.cut_completions += 1
-        node = b.tree.nodes[b.node]
         node.tokens.extend(ids)
         node.mask.extend([1] * len(ids))
         node.logprobs.extend(lps)
@@ -329,6 +342,22 @@ class AgentLoop:
         if b.remaining - self.limits.result_room < self.min_result:
             return self._leaf(b, "length")
         return ("call", query)
+
+    def _stop_across_calls(self, before: list[int], ids: list[int]) -> int:
+        """How many of ``ids`` end a stop string whose first characters end ``before`` (0: none)."""
+        tail = self.tok.decode(before[-self._stop_window:])
+        for stop in STOP_STRINGS:
+            for k in range(len(stop) - 1, 0, -1):  # the longest begun part completes first
+                if not tail.endswith(stop[:k]):
+                    continue
+                rest = stop[k:]
+                for j in range(1, len(ids) + 1):
+                    text = self.tok.decode(ids[:j])
+                    if len(text) >= len(rest):
+                        if text.startswith(rest):
+                            return j
+                        break
+        return 0
 
     def _notice(self, b: Branch):
         if len(self.notice_ids) >= b.remaining:

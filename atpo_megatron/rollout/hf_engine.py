@@ -38,6 +38,7 @@ from typing import Iterable
 import torch
 
 from atpo_megatron.rollout.engine import Completion, SamplingParams
+from atpo_megatron.weights.fingerprint import check_fingerprints, fingerprint
 
 
 class HFEngine:
@@ -228,8 +229,9 @@ class HFEngine:
     # ---------------------------------------------------------------- weights and memory
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy ``(hf_name, full_tensor)`` pairs into the model in place, one tensor at a time.
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], verify: bool = False) -> int:
+        """Copy ``(hf_name, full_tensor)`` pairs into the model in place, one tensor at a time (one
+        transfer). ``verify``: each parameter, read back, must equal the tensor cast to its dtype.
 
         A tied ``lm_head.weight`` writes the shared embedding. ``rotary_emb.inv_freq`` is ignored (a
         buffer derived from the config). Any other unknown name, or a shape mismatch, raises ValueError.
@@ -254,8 +256,12 @@ class HFEngine:
                     f"{tuple(p.shape)}; send the full (unsharded) tensor in HF layout"
                 )
             p.copy_(tensor)  # casts dtype and moves device
+            if verify:
+                check_fingerprints([(name, fingerprint(tensor.to(p.dtype)))], [(name, *fingerprint(p))],
+                                   where="the hf engine")
         if self.prefix_cache is not None:
             self.prefix_cache.clear()  # KV of the old weights
+        return 1
 
     def sleep(self) -> None:
         """On GPU: move the weights to CPU and free the cached GPU memory. On CPU: nothing to do
@@ -275,6 +281,10 @@ class HFEngine:
         if self.device.type == "cuda":
             self.model.to(self.device)
         self._asleep = False
+
+    def close(self) -> None:
+        """Drop the model (its memory goes back to the allocator)."""
+        self.model = None
 
 
 class PrefixCache:

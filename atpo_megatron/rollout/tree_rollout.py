@@ -35,6 +35,7 @@ import torch
 
 from atpo_megatron.algo.expansion import select_expansion_nodes
 from atpo_megatron.algo.tree import LeafSequence, TurnTree
+from atpo_megatron.config import ConfigError
 from atpo_megatron.env.reward import score
 from atpo_megatron.rollout.agent_loop import (
     AgentLoop,
@@ -180,6 +181,8 @@ def rollout_statistics(
         "rollout/em": sum(em) / n,
         "rollout/uniform_reward_trees": sum(
             len({t.nodes[i].reward for i in t.leaves()}) == 1 for t in trees) / max(len(trees), 1),
+        "rollout/context_tokens": float(loop.context_tokens),
+        "rollout/prefix_cache_hit_rate": loop.cached_tokens / loop.context_tokens if loop.context_tokens else 0.0,
         "rollout/generate_s": loop.generate_s,
         "rollout/search_s": loop.search_s,
     }
@@ -215,6 +218,47 @@ def credit_statistics(trees: Sequence[TurnTree], node_advantages: Sequence[Seque
     }
 
 
+# What each rollout/... mean averages over: its weight when the engines' statistics are merged.
+_MEAN_OVER = {
+    "rollout/leaves_per_tree": "rollout/trees",
+    "rollout/uniform_reward_trees": "rollout/trees",
+    "rollout/turns_per_leaf": "rollout/leaves",
+    "rollout/tool_calls_per_leaf": "rollout/leaves",
+    "rollout/response_length": "rollout/sequences",
+    "rollout/reward_mean": "rollout/sequences",
+    "rollout/format_failure_rate": "rollout/sequences",
+    "rollout/em": "rollout/sequences",
+    "rollout/token_saving": "rollout/chain_tokens",  # 1 - generated / chain tokens
+    "rollout/prefix_cache_hit_rate": "rollout/context_tokens",
+    "credit/adv_abs_mean": "rollout/leaves",  # per (leaf, turn) in credit_statistics; leaves weigh the engines
+    "credit/adv_std": "rollout/leaves",  # the engines' stds averaged, not the pooled std
+    "credit/turn_spread": "rollout/leaves",
+    "credit/zero_adv_leaves": "rollout/leaves",
+}
+
+
+def merge_rollout_stats(parts: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The statistics of several rollout engines' batches as if one engine had rolled out all their prompts.
+
+    Means are weighted by what they average over (``_MEAN_OVER``; ``rollout/finish_*`` are fractions of
+    the produced leaves), stage times (``*_s``) are the slowest engine's (the engines run in parallel),
+    and every other key is a count, summed.
+    """
+    merged = {}
+    for key in sorted(set().union(*parts)):
+        values = [p.get(key, 0.0) for p in parts]
+        weight = "rollout/leaves" if key.startswith("rollout/finish_") else _MEAN_OVER.get(key)
+        if key.endswith("_s"):
+            merged[key] = max(values)
+        elif weight is None:
+            merged[key] = sum(values)
+        else:
+            weights = [p.get(weight, 0.0) for p in parts]
+            total = sum(weights)
+            merged[key] = sum(v * w for v, w in zip(values, weights)) / total if total else 0.0
+    return merged
+
+
 class TreeRollout:
     """Builds the turn trees of a prompt batch and turns them into training sequences.
 
@@ -241,6 +285,7 @@ class TreeRollout:
         self.plan = plan
         self.credit = credit
         self.limits = limits or LoopLimits.from_config(rollout)
+        self.drop_tool_errors = plan.advantage != "none" and not rollout.train_on_tool_errors
         self.loop = AgentLoop(engine, search_client, self.limits, sampling_from_config(rollout, greedy))
         self.prefix_ids = self.loop.encode(rollout.assistant_prefix) if rollout.assistant_prefix else []
 
@@ -315,8 +360,11 @@ class TreeRollout:
         t0 = time.perf_counter()
         trees = self.build_trees(examples, seed, gen)
         produced = produced_leaf_stats(trees)
+        dropped = sum(t.drop_leaves("tool_error") for t in trees) if self.drop_tool_errors else 0
         sequences, em, advantages = [], [], []
         for k, tree in enumerate(trees):
+            if not tree.leaves():  # every trajectory of this prompt ended in a failed tool call
+                continue
             tree.sample_leaves(self.plan.leaves_per_tree, gen)
             em += self.score_leaves(tree)
             advantages.append(self.node_advantages(tree))
@@ -326,6 +374,7 @@ class TreeRollout:
         loop = self.loop.stats.since(before)
         stats = rollout_statistics(trees, produced, loop, em)
         stats.update(credit_statistics(trees, advantages))
+        stats["rollout/dropped_tool_error_leaves"] = float(dropped)
         stats["rollout/total_s"] = time.perf_counter() - t0
         return RolloutBatch(trees, sequences, stats, loop)
 
@@ -361,23 +410,24 @@ def search_environment(cfg: "Config"):
             server = stack.enter_context(RetrieverServer(corpus, backend=cfg.retriever.backend, topk=cfg.retriever.topk))
             url = server.url
             log.info("embedded retriever (%s over %s) at %s", cfg.retriever.backend, corpus, url)
-        yield stack.enter_context(SearchClient(url, topk=cfg.retriever.topk, timeout_s=cfg.retriever.timeout_s,
-                                               retries=cfg.retriever.retries,
-                                               max_chars=cfg.retriever.max_passage_chars))
+        yield stack.enter_context(SearchClient.from_config(cfg.retriever, url))
 
 
 @contextlib.contextmanager
 def rollout_environment(cfg: "Config", engine: Engine | None = None):
     """Yield ``(engine, search_client)`` for ``cfg`` (see :func:`search_environment`).
 
-    ``engine``: reuse one (tests); otherwise ``make_engine`` for ``model.name_or_path`` in ``model.dtype``.
+    ``engine``: reuse one (tests); otherwise ``make_engine`` for ``model.name_or_path`` in ``model.dtype``,
+    closed on exit.
     """
-    with search_environment(cfg) as client:
+    with search_environment(cfg) as client, contextlib.ExitStack() as stack:
         if engine is None:
             from atpo_megatron.hub import resolve_model
-            from atpo_megatron.rollout.engine import make_engine
+            from atpo_megatron.rollout.factory import make_engine
 
-            engine = make_engine(cfg.rollout, resolve_model(cfg.model.name_or_path), dtype=getattr(torch, cfg.model.dtype))
+            engine = make_engine(cfg.rollout, resolve_model(cfg.model.name_or_path),
+                                 dtype=getattr(torch, cfg.model.dtype))
+            stack.callback(engine.close)
         yield engine, client
 
 
@@ -399,7 +449,7 @@ def load_examples(cfg: "Config", files: Sequence[str], split: str, limit: int = 
         rows = load_dataset(path)
         out += rows[:limit] if limit > 0 else rows
     if not out:
-        raise ValueError(f"no examples in {list(files)}; check data.train_files / data.eval_files / --data")
+        raise ConfigError(f"no examples in {list(files)}; check data.train_files / data.eval_files / --data")
     return out
 
 

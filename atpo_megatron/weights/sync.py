@@ -1,11 +1,11 @@
 """Weight sync: stream the actor's weights, in the engine's (Hugging Face) names and layout, into the
-rollout engine in buckets.
+rollout engine.
 
 The exporter (``weights.hf_bridge.export_hf_weights``) is a collective generator: every rank of the
-actor must iterate it to the end, because each tensor is gathered across TP shards and PP stages
-one layer at a time. Only ranks that own an engine keep the tensors; they hand them to
-``engine.load_weights`` whenever a bucket reaches ``bucket_bytes``, so at most one bucket (plus the
-tensor that overflowed it) is ever held on top of the actor's own shards.
+actor must iterate it to the end, because each tensor is gathered across TP shards and PP stages one
+layer at a time, and every rank receives every full tensor (``rollout/placement.py``). Each rank that
+holds an engine hands the stream to ``engine.load_weights``, which groups it into transfers of
+``rollout.sync_bucket_mb`` itself, so at most one bucket is ever held on top of the actor's shards.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class SyncStats:
     bytes: int = 0
     buckets: int = 0
     seconds: float = 0.0
+    verified: bool = False
 
     def metrics(self) -> dict[str, float]:
         gb = self.bytes / 1e9
@@ -33,37 +34,29 @@ class SyncStats:
             "weight_sync/gb": gb,
             "weight_sync/gb_per_s": gb / self.seconds if self.seconds > 0 else 0.0,
             "weight_sync/buckets": float(self.buckets),
+            "weight_sync/verified": float(self.verified),
         }
 
 
-def buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group ``(name, tensor)`` pairs into lists of about ``bucket_bytes`` (a tensor is never split)."""
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in weights:
-        bucket.append((name, tensor))
-        size += tensor.numel() * tensor.element_size()
-        if size >= bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-    if bucket:
-        yield bucket
+def sync_weights(weights: Iterable[tuple[str, torch.Tensor]], engine: Engine | None, verify: bool = False) -> SyncStats:
+    """Consume the exporter on every rank; load it into ``engine`` where there is one.
 
-
-def sync_weights(weights: Iterable[tuple[str, torch.Tensor]], engine: Engine | None, bucket_bytes: int) -> SyncStats:
-    """Consume the exporter on every rank; load bucket by bucket into ``engine`` where there is one."""
-    stats = SyncStats()
+    ``verify``: the engine checks every tensor's fingerprint on arrival (``WeightSyncError`` names a
+    corrupted one).
+    """
+    stats = SyncStats(verified=verify and engine is not None)
     start = time.perf_counter()
     if engine is None:  # still take part in the exporter's collectives
         for _ in weights:
             pass
     else:
-        for bucket in buckets(weights, bucket_bytes):
-            engine.load_weights(bucket)
-            stats.buckets += 1
-            stats.tensors += len(bucket)
-            stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        stats.buckets = engine.load_weights(_counted(weights, stats), verify=verify)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _counted(weights: Iterable[tuple[str, torch.Tensor]], stats: SyncStats) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in weights:
+        stats.tensors += 1
+        stats.bytes += tensor.numel() * tensor.element_size()
+        yield name, tensor

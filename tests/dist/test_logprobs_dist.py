@@ -109,16 +109,22 @@ def model_worker():
         init_distributed(tp=tp, seed=11)
         (model,) = build_model(hf, ModelConfig(dtype="float32", spec="local", attention="sdpa"), ParallelConfig(tp=tp))
         model.eval()
-        lps, ents = compute_logprobs([model], seqs, max_tokens=24, temperature=0.8, with_entropy=True)
+        lps, ents, raw = compute_logprobs([model], seqs, max_tokens=24, temperature=0.8, with_entropy=True,
+                                          with_raw=True)
         # direct: one padded batch, gathered logits, log_softmax
         s = seqs[4]
         ids = torch.tensor([s.prompt_ids + s.response_ids])
         with torch.no_grad():
             logits = model(ids[:, :-1], torch.arange(ids.shape[1] - 1)[None], None)
-        ls = gathered_log_softmax(logits / 0.8)[0, len(s.prompt_ids) - 1 :]
-        direct = ls.gather(-1, ids[0, len(s.prompt_ids):, None]).squeeze(-1)
+
+        def direct(temperature):
+            ls = gathered_log_softmax(logits / temperature)[0, len(s.prompt_ids) - 1 :]
+            return ls.gather(-1, ids[0, len(s.prompt_ids):, None]).squeeze(-1)
+
         out[f"tp{tp}"] = {"logp": [x.tolist() for x in lps], "entropy": [x.tolist() for x in ents],
-                          "direct_diff": (lps[4] - direct).abs().max().item(),
+                          "direct_diff": (lps[4] - direct(0.8)).abs().max().item(),
+                          "raw_direct_diff": (raw[4] - direct(1.0)).abs().max().item(),
+                          "raw_vs_tempered": (raw[4] - lps[4]).abs().max().item(),
                           "dp": ps.get_data_parallel_world_size()}
         destroy_distributed() if tp == 1 else ps.destroy_model_parallel()
     return out
@@ -132,6 +138,8 @@ def test_compute_logprobs_tp2_equals_tp1_and_direct():
     for res in results:
         for tp in ("tp1", "tp2"):
             assert res[tp]["direct_diff"] <= 1e-5
+            # with_raw: the temperature-1 log-probs of the same pass (what the engines report)
+            assert res[tp]["raw_direct_diff"] <= 1e-5 and res[tp]["raw_vs_tempered"] > 1e-3
             assert [len(x) for x in res[tp]["logp"]] == [2, 4, 6, 8, 10]
         for a, b in zip(res["tp2"]["logp"] + res["tp2"]["entropy"], res["tp1"]["logp"] + res["tp1"]["entropy"]):
             np.testing.assert_allclose(a, b, atol=1e-5)

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def engine():
-    return make_engine(RolloutConfig(engine="hf", generation_batch_size=8), resolve_model("smollm2"), device="cpu")
+    return make_engine(RolloutConfig(engine="hf", generation_batch_size=8), resolve_model("smollm2"))
 
 
 def chat(tokenizer, question):

@@ -201,6 +201,56 @@ def test_malformed_requests_get_422_with_a_message(server, body, field):
     assert any(field in detail["loc"] and detail["msg"] for detail in details)
 
 
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "content, status, message",
+    [
+        (b"{not json", 422, "JSON decode error"),
+        (json.dumps({"queries": ["q"] * 8193}).encode(), 422, "at most 8192 items"),
+        (json.dumps({"queries": ["x" * 8193]}).encode(), 422, "at most 8192 characters"),
+        (json.dumps({"queries": ["q"], "topk": 101}).encode(), 422, "less than or equal to 100"),
+        (b'{"queries": ["' + b"q" * (16 << 20) + b'"]}', 413, "larger than this server's limit of 16777216 bytes"),
+    ],
+    ids=["not_json", "too_many_queries", "query_too_long", "topk_too_large", "body_over_16_mib"],
+)
+def test_oversized_and_malformed_requests_get_a_4xx_with_a_message(server, content, status, message):
+    reply = httpx.post(server.url, content=content, headers={"Content-Type": "application/json"}, timeout=30)
+    assert reply.status_code == status and message in reply.text
+    assert httpx.get(f"{server.base_url}/health").status_code == 200  # and the server is still up
+
+
+@pytest.mark.faults
+def test_chunked_body_without_length_is_refused(server):
+    reply = httpx.post(server.url, content=iter([b'{"queries": ', b'["q"]}']), timeout=30)  # a generator: chunked
+    assert reply.status_code == 411 and "Content-Length" in reply.json()["detail"]
+
+
+@pytest.mark.faults
+def test_64_concurrent_clients_are_all_answered(server, task):
+    """64 loopback clients at once, 3 requests of 4 questions each (192 requests in all): every request is
+    answered, with the answers it gets alone. Speed is measured by benchmarks/retriever_load.py."""
+    test_rows = [json.loads(line) for line in task.test.read_text().splitlines()]
+    questions = [row["metadata"]["hops"][0]["query"] for row in test_rows]
+    requests = [[questions[(4 * i + j) % len(questions)] for j in range(4)] for i in range(64 * 3)]
+
+    def ask(http, queries):
+        reply = http.post(server.url, json={"queries": queries, "topk": 3, "return_scores": True})
+        return reply.status_code, [[h["document"]["id"] for h in hits] for hits in reply.json()["result"]]
+
+    with httpx.Client(timeout=60) as http:
+        alone = [ask(http, q) for q in requests[:64]]  # one at a time (the first request of each client)
+
+    def client(k):
+        with httpx.Client(timeout=60) as http:
+            return [ask(http, requests[k + 64 * r]) for r in range(3)]
+
+    with ThreadPoolExecutor(64) as pool:
+        together = list(pool.map(client, range(64)))
+    assert all(status == 200 for answers in together for status, _ in answers)
+    assert [answers[0] for answers in together] == alone
+    assert all(len(ids) == 4 for answers in together for _, ids in answers)
+
+
 def test_search_client_against_the_server(server):
     with SearchClient(server.url, topk=3, timeout_s=10, retries=1, backoff_s=0.05, max_chars=40) as client:
         found, empty, nothing = client.search_batch(["Varlo bridge built", " ", "qqqq zzzz"])

@@ -399,3 +399,27 @@ def test_real_retriever_server_results_are_inserted_verbatim(tmp_path):
     obs = [tree.nodes[i].tokens[: tree.nodes[i].obs_len] for i in path[2:]]
     assert [CharTokenizer().decode(o) for o in obs] == [format_tool_result(d) for d in direct]
     assert loop.stats.queries == 2 and loop.stats.tool_errors == 0
+
+
+@pytest.mark.parametrize("first_call", [len("<think>a</think><search>who</"), len("<think>a</think><search>who</searc")])
+def test_stop_string_split_across_two_generate_calls_is_a_tool_call(first_call):
+    """Issue 13 defect 6: with a per-call cap (rollout.max_turn_tokens), "</search>" may begin at the end of
+    one generate call and end in the next; the engine matches stop strings in its own output only, so the
+    loop must see it, cut the completion right after it and run the call (not keep the model's made-up result)."""
+    turn = "<think>a</think><search>who</search>"
+    full = turn + " <result> made up </result> <answer> no </answer>" + EOS_MARK
+
+    def policy(ctx, rng):  # continues the turn where the previous call stopped
+        text = response_text(ctx)
+        if "<result>\nR(who)" not in text:
+            return full[len(text):]
+        return answer()[len(text.split("</result>", 1)[1]):]
+
+    loop, engine, search = make_loop(policy, LoopLimits(max_turn_tokens=first_call))
+    tree = new_tree(loop)
+    loop.run(open_chains(loop, [tree], 1))
+    node = tree.nodes[1]
+    assert engine.calls[0].params.max_tokens == first_call
+    assert CharTokenizer().decode(node.tokens) == turn and node.mask == [1] * len(turn)
+    assert node.finish_reason == "tool" and search.calls == [["who"]]
+    assert loop.stats.generated_tokens == len(turn) + len(answer()) - len(EOS_MARK) + 1  # + the answer turn, EOS id

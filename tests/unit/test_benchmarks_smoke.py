@@ -22,6 +22,7 @@ RUNS = {
     "weight_sync": ["--repeat", "1", "--warmup", "0"],
     "loss": ["--sequences", "4", "--tokens", "256", "--repeat", "1", "--warmup", "0"],
     "fp8_linear": ["--shapes", "32x64x48", "--repeat", "1", "--warmup", "0", "--loss-steps", "6"],
+    "retriever_load": ["--clients", "4", "--requests", "2", "--queries", "2"],
 }
 
 
@@ -97,3 +98,12 @@ def test_fp8_linear(results):
     assert len(lc["baseline"]) == len(lc["fp8"]) == 6
     assert lc["baseline_final"] < lc["first_loss"] and lc["fp8_final"] < lc["first_loss"]  # both learn
     assert lc["max_relative_gap"] < 0.02  # and stay on the fp32 curve
+
+
+def test_retriever_load(results):
+    data, log = get(results, "retriever_load")
+    assert (data["clients"], data["requests"], data["questions_per_request"]) == (4, 8, 2)
+    assert data["failed"] == 0 and data["first_failures"] == []
+    lat = data["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert "p99 ms" in log

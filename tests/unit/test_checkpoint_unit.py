@@ -59,6 +59,25 @@ def test_marker_to_missing_or_incomplete_folder_is_an_error(tmp_path):
         ck.find_latest(tmp_path)
 
 
+@pytest.mark.parametrize("damage", [b'{"format": 1, "st', b"\xff\xfe garbage", b"[1, 2]"],
+                         ids=["truncated_json", "not_utf8", "not_a_record"])
+def test_damaged_record_is_one_line_naming_the_file_and_the_way_back(tmp_path, damage):
+    """Issue 13 defect 4 (single process; tests/dist/test_checkpoint_record_dist.py has the 2-rank case)."""
+    _fake(tmp_path, 3)
+    record = _fake(tmp_path, 4) / ck.COMPLETE_FILE
+    record.write_bytes(damage)
+    ck.write_latest(tmp_path, 4)
+    for find in (ck.find_latest, lambda d: ck.resolve_resume(d, "auto")):
+        with pytest.raises(CheckpointError) as info:
+            find(tmp_path)
+        message = str(info.value)
+        assert "\n" not in message and f"{record} is damaged" in message
+        assert f"`echo 3 > {tmp_path / 'latest'}`" in message
+    (tmp_path / "latest").unlink()  # without the marker the newest complete folder is the damaged one
+    with pytest.raises(CheckpointError, match="is damaged"):
+        ck.find_latest(tmp_path)
+
+
 def test_atomic_write_replaces_whole_file(tmp_path):
     p = tmp_path / "latest"
     ck.atomic_write_text(p, "1\n")

@@ -105,3 +105,49 @@ def test_every_example_config_loads():
     assert examples, "examples/ holds the YAML configs"
     for path in examples:
         load_config(path)
+
+
+def _leaf_keys(cls, prefix=""):
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from _leaf_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}"
+
+
+def test_every_config_key_is_read_somewhere():
+    """No config key that nothing reads (issue 13 defect 8: train.kl_coef and train.deterministic were
+    accepted and ignored, so a user who set a KL coefficient silently trained without it).
+
+    A key counts as read when the package (config.py aside) accesses it as an attribute; the loss
+    sections' keys reach the loss functions as keyword arguments through ``LossConfig.clip_kwargs()``.
+    """
+    import inspect
+    import re
+    from pathlib import Path
+
+    from atpo_megatron.algo.losses import TOKEN_LOSSES
+
+    package = Path(__file__).parents[2] / "atpo_megatron"
+    source = "\n".join(p.read_text() for p in package.rglob("*.py") if p.name != "config.py")
+    unread = []
+    for key in _leaf_keys(Config):
+        section, name = key.split(".")[0], key.split(".")[-1]
+        if section == "loss" and key.count(".") == 2:
+            loss = key.split(".")[1]
+            read = name in inspect.signature(TOKEN_LOSSES[loss]).parameters
+        else:
+            read = re.search(rf"\.{name}\b", source) is not None
+        if not read:
+            unread.append(key)
+    assert unread == []
+
+
+@pytest.mark.parametrize("key, why", [("train.kl_coef=0.001", "trains without a KL term"),
+                                      ("train.deterministic=true", "never read")])
+def test_removed_keys_say_why(key, why):
+    with pytest.raises(ConfigError, match=rf"{key.split('=')[0]} was removed: .*{why}"):
+        load_config(None, [key])

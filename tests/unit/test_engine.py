@@ -302,14 +302,17 @@ def test_make_engine_from_folder(tmp_path, tokenizer, prompts):
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     cfg = RolloutConfig(engine="hf", generation_batch_size=2)
-    eng = make_engine(cfg, tmp_path, device="cpu")
+    eng = make_engine(cfg, tmp_path, device_index=0)  # this rank's device: cpu without CUDA
     assert isinstance(eng, HFEngine) and eng.generation_batch_size == 2 and eng.model.dtype == torch.float32
+    assert eng.device == torch.device("cpu")
     want = HFEngine(model, tokenizer, device="cpu").generate(prompts, GREEDY)
     got = eng.generate(prompts, GREEDY)  # chunks of 2 pad differently: equal to float rounding
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     assert all(g.logprobs == pytest.approx(w.logprobs, abs=1e-5) for g, w in zip(got, want))
     with pytest.raises(ValueError, match="rollout.engine"):
         make_engine(dataclasses.replace(cfg, engine="sglang"), tmp_path)
+    with pytest.raises(ValueError, match="rollout.tp_size=2: the hf engine has no tensor parallelism"):
+        make_engine(dataclasses.replace(cfg, tp_size=2), tmp_path)
 
 
 def test_padded_vocab_rows_are_never_sampled(tokenizer, prompts):

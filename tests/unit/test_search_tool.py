@@ -1,4 +1,5 @@
-"""The search client: formatting, batching, retries and failure modes (a fake server, no network)."""
+"""The search client: formatting, batching, retries, the outage policy and refused queries (a fake server,
+no network; a fake clock for the waits)."""
 
 import json
 import time
@@ -9,7 +10,9 @@ import pytest
 from atpo_megatron.env.retriever import free_port
 from atpo_megatron.env.search_tool import (
     EMPTY_QUERY_ERROR,
+    MAX_BACKOFF_S,
     NO_RESULTS,
+    RetrieverUnavailableError,
     SearchClient,
     SearchResult,
     clean_query,
@@ -99,19 +102,28 @@ def test_retries_transient_failures_then_succeeds():
 
 def test_gives_up_after_retries_with_the_last_error():
     server = FakeServer(httpx.Response(500, text="boom"))
-    with _client(server, retries=2) as client:
-        [result] = client.search_batch(["q"])
+    with _client(server, retries=2) as client, pytest.raises(RetrieverUnavailableError) as info:
+        client.search_batch(["q"])
     assert len(server.requests) == 3
-    assert not result.ok and result.text == ""
-    assert "after 3 attempt(s)" in result.error and "500" in result.error
+    message = str(info.value)
+    assert URL in message and "3 attempts" in message and "500" in message and "retriever.outage_wait_s=0" in message
 
 
-def test_client_errors_are_not_retried():
-    server = FakeServer(httpx.Response(422, json={"detail": "bad topk"}))
+def test_a_refused_query_fails_alone():
+    """Issue 13 defect 3: one refused query (HTTP 4xx) failed the whole batch. The batch is re-sent query by
+    query, without retries (a 4xx is the same every time), so only the refused query fails."""
+    def refuse_long(payload):
+        if any(len(q) > 10 for q in payload["queries"]):
+            return httpx.Response(413, json={"detail": "query longer than 10 characters"})
+        return _echo(payload)
+
+    server = FakeServer(refuse_long)
     with _client(server, retries=4) as client:
-        results = client.search_batch(["a", "b"])
-    assert len(server.requests) == 1
-    assert all(not r.ok and "HTTP 422" in r.error and "bad topk" in r.error for r in results)
+        results = client.search_batch(["short", "much too long a query", "fine"])
+    assert [r["queries"] for r in server.requests] == [["short", "much too long a query", "fine"], ["short"],
+                                                       ["much too long a query"], ["fine"]]
+    assert results[0] == SearchResult(ok=True, text="Page 1: about short") and results[2].ok
+    assert not results[1].ok and "HTTP 413" in results[1].error and "longer than 10 characters" in results[1].error
 
 
 @pytest.mark.parametrize(
@@ -123,28 +135,65 @@ def test_client_errors_are_not_retried():
         {"result": [["not a dict"], []]},
     ],
 )
-def test_malformed_replies_fail_cleanly(body):
+def test_malformed_replies_are_an_outage(body):
     server = FakeServer(httpx.Response(200, json=body))
-    with _client(server, retries=1) as client:
-        results = client.search_batch(["a", "b"])
+    with _client(server, retries=1) as client, pytest.raises(RetrieverUnavailableError, match="malformed reply"):
+        client.search_batch(["a", "b"])
     assert len(server.requests) == 2
-    assert all(not r.ok and "malformed reply" in r.error for r in results)
+
+
+class FakeClock:
+    """time.monotonic and time.sleep for the client: sleeping advances the clock."""
+
+    def __init__(self, monkeypatch):
+        self.now, self.sleeps = 1000.0, []
+        monkeypatch.setattr(time, "monotonic", lambda: self.now)
+        monkeypatch.setattr(time, "sleep", self.sleep)
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.now += seconds
 
 
 def test_backoff_doubles(monkeypatch):
-    sleeps = []
-    monkeypatch.setattr(time, "sleep", sleeps.append)
+    clock = FakeClock(monkeypatch)
     server = FakeServer(httpx.Response(503))
-    with _client(server, retries=3, backoff_s=0.5) as client:
-        assert not client.search("q").ok
-    assert sleeps == [0.5, 1.0, 2.0]
+    with _client(server, retries=3, backoff_s=0.5) as client, pytest.raises(RetrieverUnavailableError):
+        client.search("q")
+    assert clock.sleeps == [0.5, 1.0, 2.0]
 
 
-def test_dead_port_gives_ok_false():
+def test_outage_is_waited_for_until_the_deadline(monkeypatch, caplog):
+    """After the retries the client keeps trying (back-off capped at MAX_BACKOFF_S, never past the deadline)
+    until retriever.outage_wait_s after the first failure, then stops the run with a message."""
+    clock = FakeClock(monkeypatch)
+    server = FakeServer(httpx.ConnectError("refused"))
+    with _client(server, retries=2, backoff_s=0.5, outage_wait_s=30) as client:
+        with caplog.at_level("WARNING"), pytest.raises(RetrieverUnavailableError) as info:
+            client.search("q")
+    assert MAX_BACKOFF_S == 10.0
+    assert clock.sleeps == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 4.5]  # 30 s in all
+    assert len(server.requests) == 8
+    assert "gave no usable answer for 30 s (8 attempts; the last: ConnectError: refused)" in str(info.value)
+    assert "waiting for it up to 30 s after the first failure (retriever.outage_wait_s)" in caplog.text
+
+
+def test_a_retriever_back_within_the_deadline_answers_the_same_search(monkeypatch, caplog):
+    clock = FakeClock(monkeypatch)
+    server = FakeServer(*[httpx.ConnectError("refused")] * 5, _echo)
+    with _client(server, retries=1, backoff_s=0.5, outage_wait_s=60) as client, caplog.at_level("WARNING"):
+        assert client.search_batch(["a", "b"]) == [SearchResult(True, "Page 1: about a"),
+                                                   SearchResult(True, "Page 1: about b")]
+    assert clock.sleeps == [0.5, 1.0, 2.0, 4.0, 8.0] and len(server.requests) == 6
+    assert "answers again after 15.5 s" in caplog.text
+
+
+def test_dead_port_is_an_outage_naming_the_url():
     url = f"http://127.0.0.1:{free_port()}/retrieve"  # nothing listens there
     with SearchClient(url, timeout_s=1.0, retries=2, backoff_s=0.01) as client:
-        [result] = client.search_batch(["q"])  # connection refused at once, 3 attempts
-    assert not result.ok and url in result.error and "after 3 attempt(s)" in result.error
+        with pytest.raises(RetrieverUnavailableError) as info:  # connection refused at once, 3 attempts
+            client.search_batch(["q"])
+    assert url in str(info.value) and "3 attempts" in str(info.value)
 
 
 def test_rejects_bad_settings():

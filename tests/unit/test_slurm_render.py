@@ -106,13 +106,25 @@ def test_program_setup_and_extra_sbatch_args():
     assert "MASTER_PORT=${MASTER_PORT:-29512}" in text
 
 
-def test_submit_dry_run_prints_script(capsys):
+def test_submit_refuses_a_layout_that_does_not_fit_unless_forced(capsys):
+    """70B on 2 nodes is DP 1: the optimizer is not sharded over DP and the training state (76 GiB)
+    outgrows an 80 GB GPU, not a 141 GB one. The refusal carries the plan's numbers; --force prints
+    the script anyway, and the plan goes into it (the job prints it into its log)."""
     parser = add_submit_arguments(argparse.ArgumentParser())
-    args = parser.parse_args([str(EXAMPLE), "train.steps=7", "--nodes", "2", "--gpus-per-node", "8",
-                              "--partition", "p", "--time", "01:00:00", "--dry-run"])
-    assert submit_main(args) == 0
+    argv = [str(EXAMPLE), "train.steps=7", "--nodes", "2", "--gpus-per-node", "8", "--partition", "p",
+            "--time", "01:00:00", "--dry-run"]
+    assert submit_main(parser.parse_args(argv)) == 2
+    err = capsys.readouterr().err
+    assert "the plan says this job does not fit: DOES NOT FIT: peak" in err and "on H100 SXM 80GB" in err
+    assert "--force submits anyway" in err
+    assert submit_main(parser.parse_args([*argv, "--gpu", "h200"])) == 0  # 141 GB GPUs hold it
+    assert "verdict: FITS" in capsys.readouterr().out
+    assert submit_main(parser.parse_args([*argv, "--force"])) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --nodes=2" in out and "train.steps=7" in out and "#SBATCH --signal=B:USR1@300" in out
+    plan = out[out.index("cat <<'ATPO_PLAN'"):out.index("\nATPO_PLAN\n")]
+    assert "on 2 nodes x 8 H100 SXM 80GB" in plan and "verdict: DOES NOT FIT" in plan
+    assert out.index("ATPO_PLAN\n") < out.index("srun ")
 
 
 def test_submit_reports_allocation_error(capsys):
@@ -120,6 +132,15 @@ def test_submit_reports_allocation_error(capsys):
         [str(EXAMPLE), "--nodes", "1", "--gpus-per-node", "8", "--dry-run"])
     assert submit_main(args) == 2
     assert "16 GPUs per model replica" in capsys.readouterr().err
+
+
+def test_nemo_run_launcher_plans_first(capsys):
+    """--launcher nemo-run checks the same plan before nemo-run is asked for anything."""
+    pytest.importorskip("nemo_run", reason="pip install --no-deps -r requirements/nemo-run.txt")
+    args = add_submit_arguments(argparse.ArgumentParser()).parse_args(
+        [str(EXAMPLE), "--nodes", "2", "--gpus-per-node", "8", "--launcher", "nemo-run", "--dry-run"])
+    assert submit_main(args) == 2
+    assert "the plan says this job does not fit" in capsys.readouterr().err
 
 
 def example_scripts() -> dict[str, str]:

@@ -163,6 +163,78 @@ def test_credit_statistics_hand_computed():
     assert st["credit/zero_adv_leaves"] == pytest.approx(1 / 4)
 
 
+def _one_leaders_statistics(ro, exs, seed):
+    """What one DP leader computes for its share of the prompts (before leaf sampling, so that the same
+    trees can also be scored all together)."""
+    from atpo_megatron.rollout.agent_loop import LoopStats
+
+    before = LoopStats(**ro.loop.stats.as_dict())
+    trees = ro.build_trees(exs, seed)
+    em = [x for t in trees for x in ro.score_leaves(t)]
+    return trees, ro.loop.stats.since(before), em
+
+
+def test_leader_statistics_merge_as_if_one_leader_rolled_out_everything():
+    """merge_rollout_stats of every DP leader's statistics equals the statistics of all their trees taken
+    together: counts add up, means are weighted by what they average over (issue 13 defect 2)."""
+    from atpo_megatron.rollout.agent_loop import LoopStats
+
+    ro, _, _ = make_rollout(RolloutPlan(initial_chains=3, expansion_iterations=1, top_k=2))
+    parts = [_one_leaders_statistics(ro, examples(4)[:1], 1), _one_leaders_statistics(ro, examples(4)[1:], 2)]
+    per_leader = [tr.rollout_statistics(t, tr.produced_leaf_stats(t), loop, em) for t, loop, em in parts]
+    assert per_leader[0]["rollout/trees"] == 1 and per_leader[1]["rollout/trees"] == 3  # unequal shares
+    trees = [t for p in parts for t in p[0]]
+    loop = LoopStats(**{k: v + parts[1][1].as_dict()[k] for k, v in parts[0][1].as_dict().items()})
+    together = tr.rollout_statistics(trees, tr.produced_leaf_stats(trees), loop, parts[0][2] + parts[1][2])
+
+    merged = tr.merge_rollout_stats(per_leader)
+    times = {k for k in together if k.endswith("_s")}  # the leaders run in parallel: the slowest one
+    assert {k: v for k, v in merged.items() if k not in times} == pytest.approx(
+        {k: v for k, v in together.items() if k not in times})
+    assert {k: merged[k] for k in times} == {k: max(s[k] for s in per_leader) for k in times}
+
+
+def _sometimes_refused(ctx, rng):
+    """Question 0 always searches a query the retriever refuses; the others search FAIL half the time."""
+    if turns_done(ctx):
+        return answer("Paris")
+    if "number 0?" in ctx or rng.random() < 0.5:
+        return "<search>FAIL</search>"
+    return "<search>fine</search>"
+
+
+@pytest.mark.parametrize("train_on_tool_errors", [False, True])
+def test_tool_error_leaves_are_not_trained_on_unless_asked(train_on_tool_errors):
+    """Issue 13 defect 3: a failed search's leaf (``tool_error``) was scored (the format penalty) and trained
+    on. By default it is dropped before leaf sampling, with its ancestors that lead to no other leaf."""
+    ro, _, search = make_rollout(RolloutPlan(initial_chains=4, expansion_iterations=1, top_k=2),
+                                 policy=_sometimes_refused)
+    ro.drop_tool_errors = not train_on_tool_errors  # what RolloutConfig.train_on_tool_errors sets
+    batch = ro.rollout(examples(3), seed=5)
+    produced = round(batch.stats["rollout/finish_tool_error"] * batch.stats["rollout/leaves"])
+    assert produced == batch.stats["rollout/tool_errors"] > 0
+    kept = [(t.nodes[i].finish_reason, k) for k, t in enumerate(batch.trees) for i in t.leaves()]
+    if train_on_tool_errors:
+        assert any(reason == "tool_error" for reason, _ in kept)
+        assert batch.stats["rollout/dropped_tool_error_leaves"] == 0
+        return
+    assert all(reason != "tool_error" for reason, _ in kept)
+    assert batch.stats["rollout/dropped_tool_error_leaves"] == produced
+    assert not batch.trees[0].leaves() and 0 not in {s.tree_index for s in batch.sequences}  # nothing left of it
+    assert {s.tree_index for s in batch.sequences} == {1, 2}
+    assert all(s.reward == 1.0 for s in batch.sequences)  # only the answered trajectories remain
+
+
+def test_rollout_config_decides_whether_tool_errors_train():
+    plan = RolloutPlan(initial_chains=1)
+    assert make_rollout(plan)[0].drop_tool_errors
+    engine = ScriptedEngine(random_policy)
+    kept = TreeRollout(engine, FakeSearch(), RolloutConfig(train_on_tool_errors=True), plan, CreditConfig())
+    assert not kept.drop_tool_errors
+    greedy = TreeRollout(engine, FakeSearch(), RolloutConfig(), RolloutPlan.greedy())
+    assert not greedy.drop_tool_errors  # evaluation scores every trajectory
+
+
 def test_chain_mode_uses_grpo_outcome_advantages():
     cfg = load_config(None, ["rollout.mode=chain", "rollout.chains=5"])
     plan = RolloutPlan.from_config(cfg)

@@ -1,0 +1,1 @@
+"""`atpo plan`: the memory and step-time model of a job (shapes, memory, timing) and its command."""
