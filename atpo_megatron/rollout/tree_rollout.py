@@ -367,13 +367,13 @@ class TreeRollout:
                 continue
             tree.sample_leaves(self.plan.leaves_per_tree, gen)
             em += self.score_leaves(tree)
-            advantages.append(self.node_advantages(tree))
-            for row in tree.training_sequences(advantages[-1]):
+            advantages.append((tree, self.node_advantages(tree)))
+            for row in tree.training_sequences(advantages[-1][1]):
                 row.tree_index = k
                 sequences.append(row)
         loop = self.loop.stats.since(before)
         stats = rollout_statistics(trees, produced, loop, em)
-        stats.update(credit_statistics(trees, advantages))
+        stats.update(credit_statistics(*zip(*advantages)) if advantages else {})
         stats["rollout/dropped_tool_error_leaves"] = float(dropped)
         stats["rollout/total_s"] = time.perf_counter() - t0
         return RolloutBatch(trees, sequences, stats, loop)
