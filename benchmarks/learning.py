@@ -15,10 +15,12 @@ own folder ``<out>/<arm>_s<seed>/``:
     grpo-chain      independent chains, GRPO outcome advantage, GRPO loss       (baseline)
     gspo-chain      independent chains, GRPO outcome advantage, GSPO loss       (baseline)
 
-The task (``--hops``, default 3): the generated knowledge base's 3-hop questions ("In which city was
-the founder of the company that built the Varlo Bridge born?"): three searches, each query built
-from the previous answer, then the answer: four turns, so expansion has turns to choose between
-and a tree's branches share a trunk. Training questions and held-out test questions are disjoint.
+The task (``--hops``, default 2,3): the generated knowledge base's 2- and 3-hop questions ("In which
+city was the founder of the company that built the Varlo Bridge born?"): two or three searches, each
+query built from the previous answer, then the answer: three or four turns, so expansion has turns
+to choose between and a tree's branches share a trunk. 3-hop questions alone leave the warm-started
+135M model at training EM 0 (every leaf of a tree gets the same reward, so no advantage); the 2-hop
+half gives RL a signal to start from. Training and held-out test questions are disjoint.
 
 Fairness. Every arm gets the same warm start, optimiser, learning rate (``--lr``, one value for all
 arms, never tuned per arm) and the paper's clip of its loss. At RL seed s every arm sees the same
@@ -99,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tree", default=None, metavar="M,L,K", help="M chains, L rounds of K branches; chain arms "
                                                                  "draw M+L*K chains")
     p.add_argument("--lr", type=float, default=None, help="one constant learning rate for every arm")
-    p.add_argument("--hops", default="3", help="hop counts of the generated task to train and evaluate on")
+    p.add_argument("--hops", default="2,3", help="hop counts of the generated task to train and evaluate on")
     p.add_argument("--eval-limit", type=int, default=None, help="held-out questions in the greedy evaluations")
     p.add_argument("--max-response-tokens", type=int, default=None)
     p.add_argument("--engine", default=None, choices=("hf", "vllm"), help="rollout engine (CPU hf, GPU vllm)")
@@ -322,14 +324,14 @@ def value(run: dict[str, Any], field: str, before: dict[str, Any]) -> float:
     return run[field]
 
 
-def paired(runs: list[dict[str, Any]], field: str) -> list[dict[str, Any]]:
+def paired(runs: list[dict[str, Any]], field: str, before: dict[str, Any]) -> list[dict[str, Any]]:
     """AT²PO minus each baseline, seed by seed (same prompts, same warm start): mean, 95 % CI, wins."""
-    ref = {r["seed"]: r[field] for r in runs if r["arm"] == REFERENCE}
+    ref = {r["seed"]: value(r, field, before) for r in runs if r["arm"] == REFERENCE}
     out = []
     for arm in dict.fromkeys(r["arm"] for r in runs):
         if arm == REFERENCE:
             continue
-        diffs = [ref[r["seed"]] - r[field] for r in runs if r["arm"] == arm and r["seed"] in ref]
+        diffs = [ref[r["seed"]] - value(r, field, before) for r in runs if r["arm"] == arm and r["seed"] in ref]
         if not diffs:
             continue
         mean, ci = mean_ci(diffs)
@@ -440,7 +442,7 @@ def main(argv=None) -> int:
     runs = [json.loads((run_dir(args, a, s) / "summary.json").read_text()) for s in args.seed_list
             for a in args.arm_list]
     arms = per_arm(runs, before)
-    comparisons = paired(runs, "eval_em") + paired(runs, "reward_gain")
+    comparisons = paired(runs, "eval_em", before) + paired(runs, "reward_gain", before)
     report = {
         "benchmark": "learning", "command": "python benchmarks/learning.py " + " ".join(sys.argv[1:] if argv is None
                                                                                       else argv),

@@ -27,7 +27,7 @@ def test_paired_comparison_and_verdicts():
     runs = [_run("atpo-entropy", s, e) for s, e in enumerate([0.5, 0.6, 0.4])]
     runs += [_run("grpo-chain", s, e) for s, e in enumerate([0.3, 0.4, 0.3])]  # AT²PO always ahead
     runs += [_run("atpo-random", s, e) for s, e in enumerate([0.6, 0.5, 0.5])]  # mixed
-    out = {c["baseline"]: c for c in learning.paired(runs, "eval_em")}
+    out = {c["baseline"]: c for c in learning.paired(runs, "eval_em", {"em": 0.0})}
     assert out["grpo-chain"]["diffs"] == pytest.approx([0.2, 0.2, 0.1])
     assert out["grpo-chain"]["wins"] == 3 and out["grpo-chain"]["verdict"] == "holds"
     assert out["atpo-random"]["diffs"] == pytest.approx([-0.1, 0.1, -0.1])
