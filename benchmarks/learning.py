@@ -244,8 +244,14 @@ def start_run(args, base: list[str], arm: str, seed: int) -> dict[str, Any] | No
 
 
 def finish_run(args, job: dict[str, Any]) -> None:
+    """Summarise a finished run; a failed one (an OOM kill on a shared machine) is reported and left
+    without a summary, so the others go on and ``--reuse`` runs only it again."""
     folder = run_dir(args, job["arm"], job["seed"])
-    finish(job["proc"], folder / "log.txt", f"[{job['arm']} seed {job['seed']}] atpo train")
+    try:
+        finish(job["proc"], folder / "log.txt", f"[{job['arm']} seed {job['seed']}] atpo train")
+    except SystemExit as exc:
+        print(exc, flush=True)
+        return
     summary = summarize_run(job["arm"], job["seed"], folder, args.last_k)
     summary["wall_s"] = time.time() - job["t0"]
     (folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -439,8 +445,13 @@ def main(argv=None) -> int:
                 continue
             running.remove(done)
             finish_run(args, done)
-    runs = [json.loads((run_dir(args, a, s) / "summary.json").read_text()) for s in args.seed_list
-            for a in args.arm_list]
+    summaries = [run_dir(args, a, s) / "summary.json" for s in args.seed_list for a in args.arm_list]
+    missing = [str(p.parent) for p in summaries if not p.is_file()]
+    if missing:
+        print(f"{len(missing)} run(s) failed: {', '.join(missing)}; the results are written only when every run "
+              "has finished: run the same command again with --reuse to run just those", flush=True)
+        return 1
+    runs = [json.loads(p.read_text()) for p in summaries]
     arms = per_arm(runs, before)
     comparisons = paired(runs, "eval_em", before) + paired(runs, "reward_gain", before)
     report = {
