@@ -324,46 +324,65 @@ def _run(tmp: Path, name: str, expect_ok: bool = True, env_extra: dict | None = 
 
 
 def compare_checkpoints(a: str, b: str) -> None:
-    """Single process: load two checkpoints as full (unsharded) tensors and require equality of
-    every model weight, Adam state, optimizer param group (its step) and LR-scheduler field
+    """Single process: read two checkpoints' files with torch.distributed.checkpoint itself (not
+    through our loader) and require equality of every model weight, Adam state, optimizer param
+    group (its step) and LR-scheduler field, in either optimizer format: fully_reshardable stores
+    global Adam tensors, dp_reshardable each DP rank's flat buckets plus pickled param groups
     (``python this_file.py --compare A B``)."""
     import torch
-    from megatron.core import dist_checkpointing
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0,
-                                         world_size=1)
+    def read(path):
+        reader = dcp.FileSystemReader(path)
+        meta = reader.read_metadata().state_dict_metadata
+        state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+                 if isinstance(m, TensorStorageMetadata)}
+        state.update({k: None for k, m in meta.items() if isinstance(m, BytesStorageMetadata)})
+        dcp.load(state, storage_reader=reader, no_dist=True)
+        return {k: v[0] if isinstance(v, list) else v for k, v in state.items()}  # objects come back in a list
 
-    def flat(path):
-        out = {}
+    def flat(prefix, node, out):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                flat(f"{prefix}{k}.", v, out)
+        elif not prefix.startswith("atpo."):  # our own record (layout, time) differs by design
+            out[prefix[:-1]] = node
 
-        def walk(prefix, node):
-            if isinstance(node, dict):
-                for k, v in node.items():
-                    walk(f"{prefix}{k}.", v)
-            elif isinstance(node, torch.Tensor) or not prefix.startswith("atpo."):
-                out[prefix[:-1]] = node  # everything but our own record (layout, time differ)
+    def param_groups(node):
+        if isinstance(node, dict):
+            found = list(node.get("param_groups", []))
+            return found + [g for v in node.values() for g in param_groups(v)]
+        if isinstance(node, (list, tuple)):
+            return [g for v in node for g in param_groups(v)]
+        return []
 
-        walk("", dist_checkpointing.load_plain_tensors(path))
-        return out
-
-    ta, tb = flat(a), flat(b)
+    sa, sb = read(a), read(b)
+    ta = {k: v for k, v in sa.items() if isinstance(v, torch.Tensor)}
+    tb = {k: v for k, v in sb.items() if isinstance(v, torch.Tensor)}
     padded = set()
     assert sorted(ta) == sorted(tb), sorted(set(ta) ^ set(tb))
     for k in sorted(ta):
-        if isinstance(ta[k], torch.Tensor):
-            x, y = ta[k], tb[k]
-            if x.shape != y.shape:  # vocabulary padding of another TP size: compare the common rows
-                assert x.shape[1:] == y.shape[1:], (k, x.shape, y.shape)
-                rows = min(x.shape[0], y.shape[0])
-                x, y = x[:rows], y[:rows]
-                padded.add(k)
-            assert torch.equal(x, y), f"{k} differs: max |d| {(x - y).abs().max()}"
-        else:
-            assert ta[k] == tb[k], f"{k} differs: {ta[k]} vs {tb[k]}"
-    kinds = {k.split(".")[2] for k in ta if k.startswith("optimizer.state.")}
-    steps = [g["step"] for g in ta["optimizer.optimizer.param_groups"]]
-    print(json.dumps({"tensors": sum(isinstance(v, torch.Tensor) for v in ta.values()),
-                      "optimizer_kinds": sorted(kinds), "adam_steps": steps, "padded": sorted(padded)}))
+        x, y = ta[k], tb[k]
+        if x.shape != y.shape:  # vocabulary padding of another TP size: compare the common rows
+            assert x.shape[1:] == y.shape[1:], (k, x.shape, y.shape)
+            rows = min(x.shape[0], y.shape[0])
+            x, y = x[:rows], y[:rows]
+            padded.add(k)
+        assert torch.equal(x, y), f"{k} differs: max |d| {(x - y).abs().max()}"
+    common_a, common_b = {}, {}
+    flat("", sa.get("common_state/shard_0_1", {}), common_a)
+    flat("", sb.get("common_state/shard_0_1", {}), common_b)
+    assert common_a == common_b, sorted(k for k in set(common_a) | set(common_b)
+                                        if common_a.get(k) != common_b.get(k))
+    assert any(k.startswith("opt_param_scheduler.") for k in common_a), sorted(common_a)
+    steps_a = [g["step"] for k in sorted(sa) for g in param_groups(sa[k])]
+    steps_b = [g["step"] for k in sorted(sb) for g in param_groups(sb[k])]
+    assert steps_a and steps_a == steps_b, (steps_a, steps_b)
+    kinds = {k.split(".")[2] if k.startswith("optimizer.state.") else k.rsplit(".", 1)[-1]  # fully | dp_reshardable
+             for k in ta if k.startswith("optimizer.")}
+    print(json.dumps({"tensors": len(ta), "optimizer_kinds": sorted(kinds),
+                      "adam_steps": steps_a, "padded": sorted(padded)}))
 
 
 def _assert_same_tensors(a: Path, b: Path) -> dict:
