@@ -26,6 +26,8 @@ COMMANDS: dict[str, Command] = {
                       "print the resolved configuration tree (YAML + overrides, validated)"),
     "train": Command("atpo_megatron.trainer", "add_train_arguments", "train_main",
                      "train with AT²PO (or the GRPO/GSPO baselines) on a Megatron actor"),
+    "sft": Command("atpo_megatron.sft", "add_sft_arguments", "sft_main",
+                   "supervised warm start of a small model on demonstrations of the agent format (before train)"),
     "rollout": Command("atpo_megatron.rollout.tree_rollout", "add_rollout_arguments", "rollout_main",
                        "sample one batch of turn trees and write them as JSON and an HTML picture"),
     "eval": Command("atpo_megatron.evaluate", "add_eval_arguments", "eval_main",

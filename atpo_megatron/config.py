@@ -115,6 +115,9 @@ class RolloutConfig:
     the run naming a corrupted one (0 = never; the first sync is checked whenever N > 0)."""
     static_cache: bool = False
     """hf engine on GPU: static KV cache (10x faster decode measured on the H200)."""
+    prefix_cache_mb: int = 1024
+    """hf engine, dynamic cache: keep the KV of finished contexts (up to this many MiB) and prefill only
+    what a later prompt adds to its longest kept prefix; cleared when the weights change. 0 = off."""
     train_on_tool_errors: bool = False
     """Keep the leaves whose last tool call failed (a query the retriever refused) as training rows.
     False drops them before leaf sampling (counted in ``rollout/dropped_tool_error_leaves``): a
@@ -192,10 +195,34 @@ class TrainConfig:
     micro_batch_tokens: int = 16384
     """Token budget of one micro-batch (dynamic batching by tokens)."""
     seed: int = 1234
+    max_generated_tokens: int = 0
+    """Stop after the step at which the run has generated this many tokens (every rank, from step 1;
+    ``rollout/generated_tokens_total``); 0 = no limit. ``steps`` caps the run either way."""
     max_nonfinite_skips: int = 0
     """Mini-batches with a NaN/inf loss or gradient that a run may skip (weights and optimizer state
     untouched, counted in ``actor/nonfinite_skipped``, resumes included) before it stops; 0 = stop at
     the first."""
+
+
+@dataclass
+class SFTConfig:
+    """``atpo sft``: a short supervised warm start on demonstrations of the agent format (``sft.py``).
+
+    Not in the paper (its 4-8B models follow the format from the prompt alone); a 135M model needs it
+    before RL has any signal."""
+
+    base_model: str = "smollm2-135m-instruct"
+    """The model the warm start begins from (a bundled name or a Hugging Face folder)."""
+    out_dir: str = "runs/sft"
+    """The warm-started Hugging Face folder it writes; point ``model.name_or_path`` at it for ``atpo train``."""
+    steps: int = 8
+    batch_size: int = 3
+    """Demonstrations per optimizer step, drawn from the data sources (hop counts) in turn."""
+    lr: float = 1e-4
+    warmup_steps: int = 1
+    """Linear lr warm-up steps, then constant."""
+    seed: int = 0
+    """Draws the demonstrations' questions and their order."""
 
 
 @dataclass
@@ -255,6 +282,8 @@ class LoggingConfig:
     tensorboard: bool = True
     log_every: int = 1
     eval_every: int = 20
+    eval_before_train: bool = False
+    """Evaluate the initial weights too, logged as step 0 (EM before -> after in ``atpo report``)."""
     save_tree_pictures: bool = True
     peak_tflops: float = 0.0
     """Peak device TFLOP/s for MFU; 0 = detect (known GPUs) or report MFU as 0 on CPU."""
@@ -277,6 +306,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

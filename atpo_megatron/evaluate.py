@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from atpo_megatron.env.reward import extract_answer, f1_score, score
+from atpo_megatron.env.reward import extract_answer, f1_score, normalize_answer, score
 from atpo_megatron.rollout.agent_loop import split_overlong
 from atpo_megatron.rollout.tree_rollout import RolloutPlan, TreeRollout
 
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 
 def summarize(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per-source and micro-averaged EM / F1 (fractions in [0, 1]) of scored samples."""
+    """Per-source and micro-averaged EM / F1 (fractions in [0, 1]) of scored samples, with the number of
+    distinct (normalised) answers given."""
     by_source: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for s in samples:
         by_source[s["data_source"]].append(s)
@@ -45,6 +46,8 @@ def summarize(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "f1": sum(r["f1"] for r in rows) / n if n else 0.0,
             "turns": sum(r["turns"] for r in rows) / n if n else 0.0,
             "tool_calls": sum(r["tool_calls"] for r in rows) / n if n else 0.0,
+            # a constant answer can score EM by luck; learning gives as many answers as questions need
+            "distinct_answers": len({normalize_answer(r["answer"]) for r in rows if r.get("answer") is not None}),
         }
 
     return {"per_source": {k: agg(v) for k, v in sorted(by_source.items())}, "avg": agg(list(samples))}

@@ -33,8 +33,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 REWARD_TAG = "rollout/reward_mean"
+EM_TAG = "rollout/em"
+FORMAT_FAILURE_TAG = "rollout/format_failure_rate"
+TOOL_CALLS_TAG = "rollout/tool_calls_per_leaf"
+EVAL_EM_TAG = "eval/em_avg"
 LOSS_TAG = "actor/loss"
-CLIP_TAG = "actor/clip_frac"
+CLIP_TAG = "actor/pg_clipfrac"
 TIMING_PREFIX = "timing/"
 PERF_PREFIX = "perf"  # writer.log(step, throughput(...), prefix=PERF_PREFIX) -> "perf/mfu", ...
 NONFINITE_TAG = "metrics/nonfinite_skipped"
@@ -437,14 +441,19 @@ class Profiler:
 class StepLog:
     """Formats a step's key metrics into one short line for a tqdm/rich progress bar.
 
-    ``StepLog()(metrics)`` -> "reward 0.412 | loss -0.0123 | clip 0.031 | rollout 12.3s actor 4.5s".
-    ``fields`` are (label, tag, format); absent tags are left out; every ``timing/<stage>_s`` follows.
+    ``StepLog()(metrics)`` -> "reward 0.412 | EM 0.44 | format fail 0.06 | tools/leaf 1.9 | loss -0.0123
+    | clip 0.031 | rollout 12.3s actor 4.5s". ``fields`` are (label, tag, format); absent tags are left
+    out; every ``timing/<stage>_s`` follows.
     """
 
     FIELDS: tuple[tuple[str, str, str], ...] = (
         ("reward", REWARD_TAG, "{:.3f}"),
+        ("EM", EM_TAG, "{:.2f}"),
+        ("format fail", FORMAT_FAILURE_TAG, "{:.2f}"),
+        ("tools/leaf", TOOL_CALLS_TAG, "{:.1f}"),
         ("loss", LOSS_TAG, "{:.4g}"),
         ("clip", CLIP_TAG, "{:.3f}"),
+        ("eval EM", EVAL_EM_TAG, "{:.3f}"),
     )
 
     def __init__(self, fields: tuple[tuple[str, str, str], ...] | None = None, timing: bool = True):

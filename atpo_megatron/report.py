@@ -16,9 +16,37 @@ import math
 import sys
 from pathlib import Path
 
-from atpo_megatron.metrics import JSONL_NAME, LOSS_TAG, NONFINITE_TAG, PERF_PREFIX, REWARD_TAG, TIMING_PREFIX
+from atpo_megatron.metrics import (
+    CLIP_TAG,
+    EM_TAG,
+    EVAL_EM_TAG,
+    FORMAT_FAILURE_TAG,
+    JSONL_NAME,
+    LOSS_TAG,
+    NONFINITE_TAG,
+    PERF_PREFIX,
+    REWARD_TAG,
+    TIMING_PREFIX,
+    TOOL_CALLS_TAG,
+)
 
 Rows = dict[int, dict[str, float]]  # step -> {tag: value}
+
+LEARNING: tuple[tuple[str, str], ...] = (
+    ("reward", REWARD_TAG),
+    ("train EM", EM_TAG),
+    ("format fail", FORMAT_FAILURE_TAG),
+    ("tools/leaf", TOOL_CALLS_TAG),
+    ("turns/leaf", "rollout/turns_per_leaf"),
+    ("equal-reward trees", "rollout/uniform_reward_trees"),
+    ("token saving", "rollout/token_saving"),
+    ("adv. spread", "credit/turn_spread"),
+    ("H_turn", "actor/turn_kl_entropy"),
+    ("clip frac", CLIP_TAG),
+    ("|log ratio|", "actor/log_ratio_abs_mean"),
+    ("eval EM", EVAL_EM_TAG),
+)
+"""What explains whether a run learns, per step: (label, tag); the report's learning table and plots."""
 
 
 class ReportError(RuntimeError):
@@ -81,6 +109,35 @@ def series(rows: Rows, tag: str) -> tuple[list[int], list[float]]:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
+
+
+def learning_summary(rows: Rows) -> list[tuple[str, str]]:
+    """Per :data:`LEARNING` tag: the mean of its first k logged steps -> that of its last k (k <= 3, a
+    third of the steps), and eval EM as before (its first evaluation, step 0 with
+    ``logging.eval_before_train``) -> after (its last)."""
+    out = []
+    for label, tag in LEARNING:
+        steps, values = series(rows, tag)
+        if not values:
+            continue
+        if tag == EVAL_EM_TAG:
+            out.append(("eval EM before -> after", f"{values[0]:.3f} (step {steps[0]}) -> {values[-1]:.3f} "
+                                                   f"(step {steps[-1]})"))
+            continue
+        k = max(1, min(3, len(values) // 3))
+        out.append((f"{label} ({tag})", f"{_mean(values[:k]):.3f} -> {_mean(values[-k:]):.3f} "
+                                        f"(mean of first / last {k} of {len(values)} steps)"))
+    return out
+
+
+def learning_table(rows: Rows, max_rows: int = 30) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the per-step :data:`LEARNING` values present; at most ``max_rows`` steps, evenly spread."""
+    tags = [(label, tag) for label, tag in LEARNING if series(rows, tag)[0]]
+    steps = [s for s, r in rows.items() if any(tag in r for _, tag in tags)]
+    if len(steps) > max_rows:
+        steps = [steps[round(i * (len(steps) - 1) / (max_rows - 1))] for i in range(max_rows)]
+    body = [[str(s)] + [f"{rows[s][tag]:.3g}" if tag in rows[s] else "" for _, tag in tags] for s in steps]
+    return ["step"] + [label for label, _ in tags], body
 
 
 def summarize(rows: Rows, reward_tag: str = REWARD_TAG, loss_tag: str = LOSS_TAG) -> list[tuple[str, str]]:
@@ -171,7 +228,32 @@ def write_plots(rows: Rows, out_dir: Path, reward_tag: str = REWARD_TAG, loss_ta
     evals = [(t, *series(rows, t)) for t in sorted({t for r in rows.values() for t in r if t.startswith("eval/")})]
     if evals:
         written.append(_plot(out_dir / "eval.png", "evaluation", "score", evals))
+    panels = [(label, tag, *series(rows, tag)) for label, tag in LEARNING]
+    panels = [p for p in panels if p[2]]
+    if panels:
+        written.append(_grid(out_dir / "learning.png", panels))
     return written
+
+
+def _grid(path: Path, panels: list[tuple[str, str, list[int], list[float]]]) -> Path:
+    """One small plot per (label, tag, steps, values), four to a row."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(3.6 * cols, 2.8 * nrows), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (label, tag, xs, ys) in enumerate(panels):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.4)
+        ax.set_title(f"{label}\n{tag}", fontsize=8)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -187,7 +269,7 @@ def report_main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # a CI log is no 80-column terminal
     try:
         rows = load_metrics(args.run_dir)
     except ReportError as e:
@@ -199,6 +281,21 @@ def report_main(args: argparse.Namespace) -> int:
     for name, value in summarize(rows, args.reward_tag, args.loss_tag):
         table.add_row(name, value)
     console.print(table)
+    learned = learning_summary(rows)
+    if learned:
+        header, body = learning_table(rows)
+        steps = Table(title="per step (why it is or is not learning)")
+        for h in header:
+            steps.add_column(h, justify="right")
+        for r in body:
+            steps.add_row(*r)
+        console.print(steps)
+        summary = Table(title="learning: start -> end")
+        summary.add_column("metric")
+        summary.add_column("value", justify="right")
+        for name, value in learned:
+            summary.add_row(name, value)
+        console.print(summary)
     out_dir = Path(args.out) if args.out else Path(args.run_dir) / "report"
     for path in write_plots(rows, out_dir, args.reward_tag, args.loss_tag):
         console.print(f"wrote {path}", highlight=False, soft_wrap=True)

@@ -85,7 +85,6 @@ class Trainer:
         from atpo_megatron.actor.model import build_model
         from atpo_megatron.actor.optimizer import build_optimizer, wrap_ddp
         from atpo_megatron.actor.parallel import init_distributed
-        from atpo_megatron.hub import resolve_model
         from atpo_megatron.launch.preemption import PreemptionHandler
         from atpo_megatron.metrics import MetricsWriter, Profiler, StageTimer
         from atpo_megatron.rollout.agent_loop import split_overlong
@@ -112,7 +111,7 @@ class Trainer:
         if self._saves() or self.ckpt_dir.is_dir():  # a dir from `atpo convert --from-hf` needs no saving
             resume_from = checkpoint.prepare(self.ckpt_dir, cfg.checkpoint.resume)
 
-        self.model_dir = resolve_model(cfg.model.name_or_path) if self.rank == 0 else None
+        self.model_dir = _resolve_model(cfg) if self.rank == 0 else None
         self.model_dir = Path(_broadcast_object(self.model_dir))
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir)  # the data is checked before any model work
         train, dropped = split_overlong(load_examples(cfg, cfg.data.train_files, "train"), tokenizer,
@@ -142,6 +141,8 @@ class Trainer:
         attach_fp8_optimizer(self.optimizer, self.models)  # FP8 weights cached per step (no-op without FP8 layers)
 
         self.start_step = 0
+        self.generated_tokens = 0.0
+        """Tokens the engines generated since step 1, all engines together (``train.max_generated_tokens``)."""
         self.nonfinite_skips = 0
         """Mini-batches skipped for a NaN/inf loss or gradient so far in this run (resumes included)."""
         self._trained_lengths: list[int] = []
@@ -154,6 +155,7 @@ class Trainer:
                                           path=resume_from)
                 self.start_step = resumed.step
                 self.train_data.position = resumed.extra["data_position"]
+                self.generated_tokens = resumed.extra.get("generated_tokens", 0.0)
                 self.nonfinite_skips = resumed.extra.get("nonfinite_skips", 0)
                 log.info("resumed from %s at step %d", resume_from, resumed.step)
 
@@ -170,10 +172,11 @@ class Trainer:
     def _saves(self) -> bool:
         return self.cfg.checkpoint.save_every > 0 or self.cfg.checkpoint.resume == "required"
 
-    def _save_due(self, step: int) -> bool:
-        """A periodic save after ``step``: every ``save_every`` steps and after the last; never with 0."""
+    def _save_due(self, step: int, final: bool) -> bool:
+        """A periodic save after ``step``: every ``save_every`` steps and after the ``final`` one (the
+        last step, or the one that spent ``train.max_generated_tokens``); never with 0."""
         every = self.cfg.checkpoint.save_every
-        return every > 0 and (step % every == 0 or step == self.cfg.train.steps)
+        return every > 0 and (step % every == 0 or final)
 
     def _start_retriever(self) -> str:
         """The search endpoint: the configured URL, or our BM25 server started on rank 0."""
@@ -200,6 +203,7 @@ class Trainer:
         self.search = SearchClient.from_config(cfg.retriever, self.search_url)
         if self.ranks.process_group is not None:
             self.search = GroupSearch(self.search, self.ranks)
+        # the engine samples in the actor's dtype (bf16 on a CPU with AMX is several times faster than fp32)
         self.engine = make_engine(cfg.rollout, self.model_dir, dtype=getattr(torch, cfg.model.dtype),
                                   device_index=self.ranks.device_index, in_job=True)
         self.rollout = TreeRollout.from_config(self.engine, self.search, cfg)
@@ -217,15 +221,21 @@ class Trainer:
         bar = tqdm(range(self.start_step, cfg.train.steps), initial=self.start_step, total=cfg.train.steps,
                    desc="atpo train", disable=self.rank != 0, dynamic_ncols=True)
         try:
+            if cfg.logging.eval_before_train and self.start_step == 0:
+                self._evaluate_initial_weights(step_line)
             for step in bar:
                 self.profiler.step(step + 1)  # steps are numbered from 1, as in the logs
                 last = self.train_one_step(step)
-                if cfg.logging.eval_every and ((step + 1) % cfg.logging.eval_every == 0 or step + 1 == cfg.train.steps):
+                self.generated_tokens += last.get("rollout/generated_tokens", 0.0)  # every engine's (merged)
+                last["rollout/generated_tokens_total"] = self.generated_tokens
+                budget = cfg.train.max_generated_tokens
+                final = step + 1 == cfg.train.steps or (budget > 0 and self.generated_tokens >= budget)
+                if cfg.logging.eval_every and ((step + 1) % cfg.logging.eval_every == 0 or final):
                     with self.timer.stage("eval"):
                         last.update(self.evaluate())
                 last.update(self.timer.pop())
                 last.update(self._throughput(last.get("timing/update_s", 0.0)))
-                if (step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.train.steps:
+                if (step + 1) % cfg.logging.log_every == 0 or final:
                     self.writer.log(step + 1, last)
                 if self.rank == 0:
                     bar.set_postfix_str(step_line(last, step=step + 1), refresh=False)
@@ -233,9 +243,13 @@ class Trainer:
                 checkpoint.finalize_async_saves()
                 stop = self.preemption.should_stop()
                 # A stop always saves (even with save_every=0): the requeued job must resume from it.
-                if stop or self._save_due(step + 1):
+                if stop or self._save_due(step + 1, final):
                     self.save(step + 1)
                     stop = self.preemption.should_stop()  # a signal during the save: resume from that one
+                if final and step + 1 < cfg.train.steps and not stop:
+                    log.info("train.max_generated_tokens=%d reached (%d generated): stopping after step %d",
+                             budget, self.generated_tokens, step + 1)
+                    break
                 if stop:
                     checkpoint.finalize_async_saves(blocking=True)
                     log.warning("stop requested: checkpoint of step %d committed", step + 1)
@@ -246,6 +260,15 @@ class Trainer:
             bar.close()
             self.close()
         return last
+
+    def _evaluate_initial_weights(self, step_line) -> None:
+        """``logging.eval_before_train``: the greedy evaluation of the weights training starts from, as step 0."""
+        with self.timer.stage("eval"):
+            metrics = self.evaluate()
+        metrics.update(self.timer.pop())
+        self.writer.log(0, metrics)
+        if self.rank == 0:
+            log.info(step_line(metrics, step=0))
 
     def train_one_step(self, step: int) -> dict[str, float]:
         """One AT²PO step; returns its metrics (identical on every rank)."""
@@ -370,7 +393,8 @@ class Trainer:
             samples = []
         report = summarize([s for part in all_gather_checked(samples, error) for s in part])
         out = {"eval/em_avg": report["avg"]["em"], "eval/f1_avg": report["avg"]["f1"],
-               "eval/turns_avg": report["avg"]["turns"], "eval/tool_calls_avg": report["avg"]["tool_calls"]}
+               "eval/turns_avg": report["avg"]["turns"], "eval/tool_calls_avg": report["avg"]["tool_calls"],
+               "eval/distinct_answers": report["avg"]["distinct_answers"]}
         out.update({f"eval/em_{src}": r["em"] for src, r in report["per_source"].items()})
         return out
 
@@ -380,6 +404,7 @@ class Trainer:
         with self.timer.stage("checkpoint"):
             checkpoint.save(self.ckpt_dir, step, self.models, self.optimizer, self.scheduler,
                             extra={"data_position": self.train_data.position,
+                                   "generated_tokens": self.generated_tokens,
                                    "nonfinite_skips": self.nonfinite_skips}, config=self.cfg,
                             keep_last=self.cfg.checkpoint.keep_last, async_save=self.cfg.checkpoint.async_save,
                             optim_sharding=self.cfg.checkpoint.optim_sharding)
@@ -446,6 +471,19 @@ def _mismatch(sequences: list, actor_logprobs: list) -> dict[str, float]:
         return {}
     d = torch.cat(diffs)
     return {"rollout/logprob_diff_mean": d.mean().item(), "rollout/logprob_diff_max": d.max().item()}
+
+
+def _resolve_model(cfg: Config) -> Path:
+    """``model.name_or_path`` as a folder; a missing warm start says how to write it."""
+    from atpo_megatron.hub import resolve_model
+
+    try:
+        return resolve_model(cfg.model.name_or_path)
+    except FileNotFoundError as exc:
+        if Path(cfg.model.name_or_path) == Path(cfg.sft.out_dir):
+            raise ConfigError(f"model.name_or_path={cfg.model.name_or_path} is sft.out_dir and holds no model "
+                              "yet: write the warm start first with `atpo sft CONFIG` (same config)") from None
+        raise ConfigError(f"model.name_or_path: {exc}") from None
 
 
 def _check_retriever(url: str) -> None:

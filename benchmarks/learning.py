@@ -1,59 +1,53 @@
-"""Does it learn? AT²PO versus the GRPO-chain baseline at the same generated-token budget.
+"""Does it learn, and does AT²PO beat its baselines? Five arms x N RL seeds at one generated-token budget.
 
-    python benchmarks/learning.py --parallel 2          # CPU: 4 arms, RL seed 0, ~17 min measured here
-    python benchmarks/learning.py --parallel 2 --rl-seeds 0,1        # and a second seed (~15 min more)
-    python benchmarks/learning.py --arms atpo-entropy,grpo-chain --token-budget 24000
-    python benchmarks/learning.py --model smollm2-135m-instruct --assistant-prefix '<think>' --gpu  # untested
+    python benchmarks/learning.py --parallel 2                      # CPU: 5 arms x 5 seeds (2 h on 2 cores)
+    python benchmarks/learning.py --rl-seeds 0 --arms atpo-entropy,grpo-chain     # a quick look
+    python benchmarks/learning.py --gpu --model /models/Qwen3-4B --nproc-per-node 8   # the paper's setting
 
-Every arm is a real ``atpo train`` run (``trainer.Trainer``: Megatron actor, HF rollout engine, the
-embedded BM25 retriever, the paper's reward) in its own subprocess and run directory
-(``<out>/<arm>_s<seed>/``: metrics.jsonl, config.yaml, log.txt, eval_samples_*.json). The arms
-differ only in the config keys listed in ``ARMS``:
+Every run is a real ``atpo train`` subprocess (the Megatron actor, the rollout engine, the embedded
+BM25 retriever server, the paper's reward) on ``examples/embedded_smollm2.yaml`` (``--gpu``:
+``examples/paper_qwen3_4b.yaml``) plus the overrides of :func:`base_overrides` and of its arm, in its
+own folder ``<out>/<arm>_s<seed>/``:
 
-    atpo-entropy    tree rollout, entropy-guided expansion, turn-wise credit, ATPO loss   (AT²PO)
-    atpo-random     the same with random expansion                        (expansion ablation)
-    grpo-loss-tree  AT²PO's trees and credit, but the GRPO token loss      (loss ablation)
-    grpo-chain      independent chains, GRPO outcome advantage, GRPO loss  (the paper's baseline)
-    atpo-chain      independent chains, GRPO outcome advantage, ATPO loss  (optional)
+    atpo-entropy    trees, entropy-guided expansion, turn-wise credit, ATPO loss   (AT²PO)
+    atpo-random     the same trees with random expansion                       (expansion ablation)
+    grpo-loss-tree  AT²PO's trees and credit with the GRPO token loss           (loss ablation)
+    grpo-chain      independent chains, GRPO outcome advantage, GRPO loss       (baseline)
+    gspo-chain      independent chains, GRPO outcome advantage, GSPO loss       (baseline)
 
-Fairness: at a given RL seed every arm sees the same prompts in the same order (``train.seed``),
-the same number of leaves per prompt (a chain arm draws ``tree.leaves_per_tree`` chains), the same
-optimiser and learning rate. Each arm stops after the first step at which its *cumulative generated
-tokens* (``rollout/generated_tokens``: tokens sampled by the engine and kept; tool results and
-inserted text excluded) reach ``--token-budget``. The budget, not the step count, is held equal,
-because the paper's claim is that a tree gets more leaves out of the same tokens (it shares
-prefixes). Curves are plotted against generated tokens, and ``--steps`` caps every arm's steps. The
-stop and the greedy evaluations before the first and after the last step come from a small
-``Trainer`` subclass in the subprocess (see :func:`worker`). It stops through the preemption
-handler's ``should_stop`` and keeps the evaluation samples.
+The task (``--hops``, default 2,3): the generated knowledge base's 2- and 3-hop questions ("In which
+city was the founder of the company that built the Varlo Bridge born?"): two or three searches, each
+query built from the previous answer, then the answer: three or four turns, so expansion has turns
+to choose between and a tree's branches share a trunk. 3-hop questions alone leave the warm-started
+135M model at training EM 0 (every leaf of a tree gets the same reward, so no advantage); the 2-hop
+half gives RL a signal to start from. Training and held-out test questions are disjoint.
 
-The model. ``--model tiny`` (the CPU default) is a small Llama (hidden 64, 2 layers, SmolLM2's
-tokenizer, random initialisation). It is first *warm-started* here by supervised fine-tuning on
-synthetic demonstrations of the task's format, one per training question: ``<think>``,
-``<search> query </search>`` with the hop's reference query, the real BM25 result, and
-``<answer> \\boxed{golden} </answer>``. Without it nothing can learn: a random model never emits the
-format, and SmolLM2-135M almost never does (its reward is -1 everywhere, so every advantage is 0).
-The warm-start is short (150 steps, about 2 min here). After it, at temperature 1, about 70 % of the
-leaves break the format and almost none is right. The reward therefore varies inside a prompt's
-group, and RL has a signal. The warm-start is cached in ``<out>/init_<hash>`` and shared by all
-arms.
+Fairness. Every arm gets the same warm start, optimiser, learning rate (``--lr``, one value for all
+arms, never tuned per arm) and the paper's clip of its loss. At RL seed s every arm sees the same
+prompts in the same order (``train.seed = 1234 + s``) and the same leaves per prompt (a chain arm
+draws M + L*K chains). Every run stops after the step at which it has generated ``--token-budget``
+tokens (``train.max_generated_tokens``; tool results are not generated): the paper's claim is that
+a tree gets more leaves, hence more steps, out of the same tokens.
 
-``--model smollm2-135m-instruct`` (or an HF folder) trains that model directly. ``--assistant-prefix
-TEXT`` then inserts TEXT (loss mask 0) at the start of every trajectory and every greedy evaluation.
-The trainer has no config key for it yet, so the subprocess passes it to ``TreeRollout``.
+Warm start (CPU). SmolLM2-135M-Instruct never follows the tag format on its own, so every RL
+advantage would be 0. ``atpo sft`` (the same command and config as the README's main job) warm-starts
+it once on format demonstrations of 1-, 2- and 3-hop training questions; all runs start from it.
+After it the model answers most 1-hop questions but usually stops after two searches on 3-hop ones
+(measured in the JSON's ``eval_before``): RL has something to learn. ``--gpu`` starts from the
+model itself (the paper's Qwen3 needs no warm start).
 
-Output: a table with one row per arm and seed: steps, generated tokens (and the tree's saving against
-chains with the same leaves), the mean reward of the first and of the last k steps, the per-step
-reward std, format failures, training EM, greedy eval EM before and after (with the number of
-distinct answers), and s/step and wall seconds. A second table gives the mean over seeds. Both go to
-``--json`` (default ``benchmarks/results/learning_cpu.json`` on CPU) and to a Markdown copy next to
-it, and a PNG (``--png``) shows the reward curves side by side.
+Measured. Per run: generated tokens and the trees' saving against chains with the same leaves;
+the mean reward, training EM (sampled leaves, no format check) and format failures over the first
+and the last k steps; greedy EM on the held-out questions before (shared: the warm start) and after,
+with the number of distinct answers (a constant answer can score EM by luck). Per arm: mean and 95 %
+confidence interval (Student t) over seeds. AT²PO against each baseline: the per-seed difference,
+its mean and paired 95 % interval, and the number of seeds it wins. Outputs: ``--json``, a Markdown
+copy, and a PNG of the curves (mean and 95 % band per arm, against generated tokens).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -64,546 +58,362 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python benchmarks/learning.py` from anywhere
-    sys.path.insert(0, str(REPO_ROOT))
+CONFIGS = {"cpu": REPO_ROOT / "examples" / "embedded_smollm2.yaml", "gpu": REPO_ROOT / "examples" / "paper_qwen3_4b.yaml"}
 
-# Config keys of each arm, applied on top of the base config (see _base_overrides).
 ARMS: dict[str, dict[str, Any]] = {
     "atpo-entropy": {"rollout.mode": "tree", "tree.expansion_mode": "entropy", "loss.name": "atpo"},
     "atpo-random": {"rollout.mode": "tree", "tree.expansion_mode": "random", "loss.name": "atpo"},
     "grpo-loss-tree": {"rollout.mode": "tree", "tree.expansion_mode": "entropy", "loss.name": "grpo"},
     "grpo-chain": {"rollout.mode": "chain", "loss.name": "grpo"},
-    "atpo-chain": {"rollout.mode": "chain", "loss.name": "atpo"},
+    "gspo-chain": {"rollout.mode": "chain", "loss.name": "gspo"},
 }
-DEFAULT_ARMS = "atpo-entropy,grpo-chain,atpo-random,grpo-loss-tree"
+REFERENCE = "atpo-entropy"
+CLAIMS = {  # the paper's ordering (Tables 1-2), as "AT²PO beats <arm>"
+    "atpo-random": "entropy-guided expansion beats random expansion (Table 2)",
+    "grpo-loss-tree": "the ATPO loss beats the GRPO loss on the same trees (Table 2)",
+    "grpo-chain": "AT²PO beats GRPO on chains (Table 1)",
+    "gspo-chain": "AT²PO beats GSPO on chains (Table 1)",
+}
 
-# The tiny model of --model tiny (random initialisation, SmolLM2's tokenizer).
-TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
-TOPK = 2
-"""Passages per search (SFT demonstrations and RL): two keep the contexts short on a CPU."""
-
-# Presets: CPU (this machine: 2 shared cores) and one GPU.
 PRESETS = {
-    "cpu": dict(token_budget=12000, steps=30, batch_prompts=8, chains=2, expansions=1, top_k=2,
-                lr=1e-3, eval_limit=24, sft_steps=150, sft_batch=8, sft_lr=3e-3),
-    "gpu": dict(token_budget=400000, steps=200, batch_prompts=16, chains=4, expansions=2, top_k=2,
-                lr=1e-5, eval_limit=100, sft_steps=600, sft_batch=32, sft_lr=2e-3),
+    "cpu": dict(model="warm-start", tree="2,2,2", batch_prompts=3, mini_batch_prompts=1, lr=3e-5, token_budget=6000,
+                steps=30, eval_limit=24, max_response_tokens=512, rl_seeds="0,1,2,3,4", nproc_per_node=0),
+    "gpu": dict(model=None, tree="10,2,6", batch_prompts=32, mini_batch_prompts=8, lr=1e-6, token_budget=4_000_000,
+                steps=240, eval_limit=200, max_response_tokens=6192, rl_seeds="0,1,2,3,4", nproc_per_node=8),
 }
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086]
+"""Two-sided 95 % Student t quantiles for 1..20 degrees of freedom (1.96 beyond)."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny",
-                   help="tiny (a small Llama warm-started here, the CPU default), smollm2-135m-instruct, or an "
-                        "HF folder")
-    p.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma list of {', '.join(ARMS)}")
-    p.add_argument("--gpu", action="store_true", help="the one-GPU preset (bigger batches and budget, bf16)")
-    p.add_argument("--token-budget", type=int, default=None, help="generated tokens per arm (preset default)")
-    p.add_argument("--steps", type=int, default=None, help="at most this many steps per arm (preset default)")
+    p.add_argument("--gpu", action="store_true", help="the paper's setting: M,L,K = 10,2,6, bf16, vLLM, lr 1e-6")
+    p.add_argument("--model", default=None,
+                   help="warm-start (CPU default: `atpo sft` of SmolLM2-135M-Instruct), a bundled name or an HF "
+                        "folder (required with --gpu, e.g. a Qwen3-4B folder)")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
+    p.add_argument("--rl-seeds", default=None, help="comma list; every arm runs once per seed (preset: 0..4)")
+    p.add_argument("--token-budget", type=int, default=None, help="generated tokens per run (all ranks)")
+    p.add_argument("--steps", type=int, default=None, help="at most this many steps per run")
     p.add_argument("--batch-prompts", type=int, default=None, help="prompts per step")
-    p.add_argument("--tree", default=None, metavar="M,L,K",
-                   help="tree shape: M chains, L expansion rounds of K branches; chains arms draw M+L*K "
-                        "chains (preset default)")
-    p.add_argument("--lr", type=float, default=None, help="RL learning rate (constant)")
-    p.add_argument("--hops", default="1,2", help="question hop counts of the generated task to train and "
-                                                 "evaluate on (1, 2, 3)")
-    p.add_argument("--eval-limit", type=int, default=None, help="greedy eval questions per hop count")
-    p.add_argument("--assistant-prefix", default="", help="text inserted (mask 0) at the start of every trajectory")
-    p.add_argument("--sft-steps", type=int, default=None, help="--model tiny: warm-start steps")
-    p.add_argument("--sft-lr", type=float, default=None)
-    p.add_argument("--sft-batch", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated task and of the warm-start")
-    p.add_argument("--rl-seeds", default="0",
-                   help="comma list: every arm runs once per seed (train.seed = 1234 + s: prompt order, sampling, "
-                        "expansion draws); the table shows each run and the mean over seeds")
-    p.add_argument("--out", default="runs/learning", help="run directories (one per arm), task and warm-start")
-    p.add_argument("--json", default=None, help="results JSON (default benchmarks/results/learning_<cpu|gpu>.json)")
-    p.add_argument("--png", default=None, help="reward curves (default: next to --json)")
-    p.add_argument("--last-k", type=int, default=3,
-                   help="compare the mean reward of the first k and the last k steps (3: the windows do not "
-                        "overlap for the 7-11 steps a CPU arm runs)")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
-                   help="torch threads of the warm-start and of every arm. On the shared, "
-                        "oversubscribed 2-core machine 1 was faster than 2")
-    p.add_argument("--parallel", type=int, default=1,
-                   help="arms run at once, each with --threads threads (wall times then overlap; steps and "
-                        "tokens are unaffected)")
-    p.add_argument("--reuse", action="store_true", help="do not rerun an arm whose run directory finished")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one arm, JSON spec
+    p.add_argument("--mini-batch-prompts", type=int, default=None, help="prompts per optimizer step")
+    p.add_argument("--tree", default=None, metavar="M,L,K", help="M chains, L rounds of K branches; chain arms "
+                                                                 "draw M+L*K chains")
+    p.add_argument("--lr", type=float, default=None, help="one constant learning rate for every arm")
+    p.add_argument("--hops", default="2,3", help="hop counts of the generated task to train and evaluate on")
+    p.add_argument("--eval-limit", type=int, default=None, help="held-out questions in the greedy evaluations")
+    p.add_argument("--max-response-tokens", type=int, default=None)
+    p.add_argument("--engine", default=None, choices=("hf", "vllm"), help="rollout engine (CPU hf, GPU vllm)")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="ranks per run (GPU preset: 8)")
+    p.add_argument("--task-seed", type=int, default=0, help="seed of the generated task")
+    p.add_argument("--last-k", type=int, default=3, help="compare the means of the first and last k steps")
+    p.add_argument("--out", default="runs/learning", help="task, warm start and one folder per run")
+    p.add_argument("--json", default=None, help="results (default benchmarks/results/learning_<cpu|gpu>.json)")
+    p.add_argument("--png", default=None, help="curves (default: next to --json)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of every subprocess (OMP_NUM_THREADS; on a shared CPU 1 is the robust choice: "
+                        "2 threads ran several times slower whenever another job held a core)")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once")
+    p.add_argument("--reuse", action="store_true", help="keep the runs whose folder holds a finished summary")
     args = p.parse_args(argv)
-    preset = PRESETS["gpu" if args.gpu else "cpu"]
-    for key, value in preset.items():
+    kind = "gpu" if args.gpu else "cpu"
+    for key, value in PRESETS[kind].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.tree:
-        args.chains, args.expansions, args.top_k = (int(x) for x in args.tree.split(","))
-    args.tree = f"{args.chains},{args.expansions},{args.top_k}"
-    args.rl_seed_list = [int(x) for x in args.rl_seeds.split(",")]
+    if args.model is None:
+        p.error("--gpu needs --model (a Hugging Face folder, e.g. Qwen3-4B)")
+    args.engine = args.engine or ("vllm" if args.gpu else "hf")
+    args.m, args.l, args.k = (int(x) for x in args.tree.split(","))
+    args.seed_list = [int(x) for x in args.rl_seeds.split(",")]
     args.hop_list = sorted({int(h) for h in args.hops.split(",")})
+    args.arm_list = args.arms.split(",")
     if not set(args.hop_list) <= {1, 2, 3}:
         p.error(f"--hops {args.hops}: choose among 1, 2, 3")
-    unknown = [a for a in args.arms.split(",") if a not in ARMS]
+    unknown = [a for a in args.arm_list if a not in ARMS]
     if unknown:
         p.error(f"unknown arm(s) {unknown}; choose among {', '.join(ARMS)}")
-    kind = "gpu" if args.gpu else "cpu"
     args.json = args.json or str(REPO_ROOT / "benchmarks" / "results" / f"learning_{kind}.json")
     args.png = args.png or str(Path(args.json).with_suffix(".png"))
+    args.out = Path(args.out).resolve()
+    args.config = str(CONFIGS[kind])
     return args
 
 
-# ---------------------------------------------------------------------------------------------- task
+# ------------------------------------------------------------------------------------------ set-up
 
 def prepare_task(args) -> dict[str, str]:
-    """The generated task (seed ``--seed``) and its train/test questions of the chosen hop counts."""
+    """The generated task and its train / held-out test questions of the chosen hop counts."""
+    sys.path.insert(0, str(REPO_ROOT))
     from atpo_megatron.env.data import generate_task
 
-    out = Path(args.out) / "task"
-    files = generate_task(out, seed=args.seed)
+    files = generate_task(args.out / "task", seed=args.task_seed)
     sources = {f"gen-{h}hop" for h in args.hop_list}
-    tag = "".join(str(h) for h in args.hop_list)
-    paths = {"corpus": str(files.corpus)}
+    tag = "".join(map(str, args.hop_list))
+    paths = {"dir": str(args.out / "task"), "corpus": str(files.corpus)}
     for split in ("train", "test"):
         rows = [json.loads(line) for line in getattr(files, split).read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if r["data_source"] in sources]
-        if split == "test" and args.eval_limit:  # equal shares per hop count
-            rows = [r for s in sorted(sources) for r in [x for x in rows if x["data_source"] == s][:args.eval_limit]]
-        path = out / f"{split}_hops{tag}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        path = args.out / "task" / f"{split}_hops{tag}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["data_source"] in sources))
         paths[split] = str(path)
     return paths
 
 
-# ---------------------------------------------------------------------------------------- warm start
-
-def demonstration(tok, search, row: dict, max_prompt_tokens: int) -> tuple[list[int], list[int]]:
-    """(ids, loss mask) of one synthetic trajectory, built as the agent loop builds contexts."""
-    from atpo_megatron.env.prompts import format_tool_result
-    from atpo_megatron.rollout.agent_loop import encode_prompt
-
-    def enc(text: str) -> list[int]:
-        return list(tok.encode(text, add_special_tokens=False))
-
-    ids = encode_prompt(tok, row["question"], max_prompt_tokens)
-    mask = [0] * len(ids)
-    hops = row["metadata"]["hops"]
-    results = search.search_batch([h["query"] for h in hops])
-    for k, (hop, res) in enumerate(zip(hops, results)):
-        turn = enc(("" if k == 0 else " ") + f"<think> search </think> <search> {hop['query']} </search>")
-        obs = enc(format_tool_result(res.text))
-        ids += turn + obs
-        mask += [1] * len(turn) + [0] * len(obs)
-    answer = row["golden_answers"][0]
-    final = enc(f" <think> found </think> <answer> \\boxed{{{answer}}} </answer>") + [tok.eos_token_id]
-    return ids + final, mask + [1] * len(final)
+def atpo(args, command: list[str], log: Path) -> subprocess.Popen:
+    """Start ``python -m atpo_megatron.cli COMMAND`` (this checkout) with its output in ``log``."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "atpo_megatron.cli", *command], stdout=f,
+                                stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
 
 
-def warm_start(args, task: dict[str, str]) -> tuple[Path, dict[str, Any]]:
-    """A tiny Llama, supervised on demonstrations of the format; cached by its parameters."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from atpo_megatron.hub import resolve_model
-
-    spec = dict(TINY, sft_steps=args.sft_steps, sft_batch=args.sft_batch, sft_lr=args.sft_lr, hops=args.hop_list,
-                seed=args.seed, topk=TOPK, version=1)
-    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
-    out = Path(args.out) / f"init_{key}"
-    if (out / "warm_start.json").is_file():
-        return out, json.loads((out / "warm_start.json").read_text())
-
-    t0 = time.perf_counter()
-    smol = resolve_model("smollm2-135m-instruct")
-    tok = AutoTokenizer.from_pretrained(smol)
-    search = _LocalSearch(task["corpus"], topk=TOPK)
-    rows = [json.loads(line) for line in Path(task["train"]).read_text().splitlines()]
-    demos = [demonstration(tok, search, r, 2048) for r in rows]
-    config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048, rms_norm_eps=1e-5,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, **TINY)
-    torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config).float().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(args.seed)
-    losses = []
-    for step in range(args.sft_steps):
-        pick = torch.randint(len(demos), (args.sft_batch,), generator=gen).tolist()
-        loss = _sft_loss(model, [demos[i] for i in pick], tok.pad_token_id)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for g in opt.param_groups:  # linear warm-up over the first 10% of the steps
-            g["lr"] = args.sft_lr * min(1.0, (step + 1) / max(1, args.sft_steps // 10))
-        opt.step()
-        losses.append(loss.item())
-        if step % 20 == 0 or step + 1 == args.sft_steps:
-            print(f"  warm-start step {step + 1}/{args.sft_steps}: loss {loss.item():.3f}", flush=True)
-    model.eval()
-    held_out = [json.loads(line) for line in Path(task["test"]).read_text().splitlines()][:16]
-    with torch.no_grad():
-        test_loss = _sft_loss(model, [demonstration(tok, search, r, 2048) for r in held_out], tok.pad_token_id).item()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    info = {"spec": spec, "demonstrations": len(demos), "loss_first": losses[0],
-            "loss_last": sum(losses[-10:]) / len(losses[-10:]),
-            "held_out_loss": test_loss,
-            "params": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - t0,
-            "demo_tokens_mean": sum(len(d[0]) for d in demos) / len(demos)}
-    (out / "warm_start.json").write_text(json.dumps(info, indent=1) + "\n")
-    return out, info
+def finish(proc: subprocess.Popen, log: Path, what: str) -> None:
+    if proc.wait() != 0:
+        raise SystemExit(f"{what} failed (exit {proc.returncode}); last lines of {log}:\n{log.read_text()[-3000:]}")
 
 
-def _sft_loss(model, demos, pad_id: int):
-    """Mean NLL over the loss-mask tokens; logits only at those positions (the vocabulary is 49k)."""
-    import torch
-
-    n = max(len(ids) for ids, _ in demos)
-    ids = torch.full((len(demos), n), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(demos), n), dtype=torch.long)
-    target = torch.zeros((len(demos), n), dtype=torch.bool)
-    for i, (d, m) in enumerate(demos):
-        ids[i, :len(d)] = torch.tensor(d)
-        attn[i, :len(d)] = 1
-        target[i, :len(m)] = torch.tensor(m, dtype=torch.bool)
-    hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state  # [B, T, H]
-    predict = torch.zeros_like(target)
-    predict[:, :-1] = target[:, 1:]  # position t predicts token t+1
-    logits = model.lm_head(hidden[predict])
-    return torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][target[:, 1:]])
+def common_overrides(args, task: dict[str, str]) -> list[str]:
+    """What the warm start, the before-evaluation and every run share."""
+    return [f"data.embedded_dir={task['dir']}", f"data.embedded_seed={args.task_seed}", "retriever.url=embedded",
+            f"retriever.corpus={task['corpus']}", f"rollout.max_response_tokens={args.max_response_tokens}",
+            f"rollout.engine={args.engine}"]
 
 
-class _LocalSearch:
-    """BM25 over the corpus in this process, formatted as the retriever server + SearchClient do."""
-
-    def __init__(self, corpus_path: str, topk: int = 3, max_chars: int = 1000):
-        from atpo_megatron.env.retriever import BM25Backend, load_corpus
-
-        self.corpus = load_corpus(corpus_path)
-        self.backend, self.topk, self.max_chars = BM25Backend(self.corpus), topk, max_chars
-
-    def search_batch(self, queries):
-        from atpo_megatron.env.search_tool import SearchResult, clean_query, format_passages
-
-        hits = self.backend.search([clean_query(q) for q in queries], self.topk)
-        return [SearchResult(True, format_passages([self.corpus.document(d) for d, _ in row], self.max_chars))
-                for row in hits]
+def warm_start(args, task: dict[str, str]) -> str:
+    """``atpo sft`` with the main job's config (reused when ``<out>/warm_start`` holds the same spec)."""
+    out = args.out / "warm_start"
+    log = args.out / "warm_start.log"
+    print(f"warm start: atpo sft {Path(args.config).name} -> {out}", flush=True)
+    finish(atpo(args, ["sft", args.config, *common_overrides(args, task), f"sft.out_dir={out}"], log), log, "atpo sft")
+    return str(out)
 
 
-# -------------------------------------------------------------------------------------------- arms
-
-def base_overrides(args, task: dict[str, str], model: str) -> dict[str, Any]:
-    """The config shared by every arm (on top of ``examples/embedded_smollm2.yaml``)."""
-    m, l_, k = args.chains, args.expansions, args.top_k
-    o: dict[str, Any] = {
-        "model.name_or_path": model,
-        "model.dtype": "bfloat16" if args.gpu else "float32",
-        "rollout.max_turns": 3,
-        "rollout.tool_call_limit": 2,
-        "rollout.max_response_tokens": 448,
-        "rollout.max_turn_tokens": 48,
-        "rollout.chains": m + l_ * k,
-        "rollout.sampling.temperature": 1.0,
-        "rollout.assistant_prefix": args.assistant_prefix,
-        "tree.initial_chains": m,
-        "tree.expansion_iterations": l_,
-        "tree.top_k": k,
-        "tree.leaves_per_tree": m + l_ * k,
-        "train.steps": args.steps,
-        "train.batch_prompts": args.batch_prompts,
-        "train.mini_batch_prompts": max(1, args.batch_prompts // 2),
-        "train.micro_batch_tokens": 16384 if args.gpu else 4096,
-        "train.seed": 1234,
-        "optimizer.lr": args.lr,
-        "optimizer.min_lr": args.lr,
-        "optimizer.lr_decay_style": "constant",
-        "optimizer.weight_decay": 0.0,
-        "data.train_files": [task["train"]],
-        "data.eval_files": [task["test"]],
-        "data.eval_limit": 0,
-        "data.embedded_dir": str(Path(args.out) / "task"),
-        "data.embedded_seed": args.seed,
-        "retriever.url": "embedded",
-        "retriever.corpus": task["corpus"],
-        "retriever.topk": TOPK,
-        "logging.eval_every": 0,
-        "logging.save_tree_pictures": False,
-        "logging.tensorboard": False,
-        "checkpoint.save_every": 0,
-        "checkpoint.resume": "never",
-    }
-    if args.gpu:
-        o.update({"rollout.static_cache": True, "rollout.generation_batch_size": 256})
-    return o
+def evaluate_before(args, task: dict[str, str], model: str) -> dict[str, Any]:
+    """Greedy EM of the starting model on the held-out questions (identical for every arm and seed)."""
+    path, log = args.out / "eval_before.json", args.out / "eval_before.log"
+    if not (args.reuse and path.is_file()):
+        finish(atpo(args, ["eval", args.config, *common_overrides(args, task), f"model.name_or_path={model}",
+                           "--data", task["test"], "--limit", str(args.eval_limit), "--out", str(path),
+                           "--no-progress"], log), log, "atpo eval")
+    report = json.loads(path.read_text())
+    return {"em": report["avg"]["em"], "distinct_answers": report["avg"]["distinct_answers"],
+            "n": report["avg"]["n"], "tool_calls": report["avg"]["tool_calls"],
+            "golden_distinct": len({s["golden_answers"][0] for s in report["samples"]})}
 
 
-def run_arm(args, name: str, rl_seed: int, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Start one arm in a subprocess (or reuse its finished run); :func:`finish_arm` waits for it."""
-    run_dir = Path(args.out) / f"{name}_s{rl_seed}"
-    done = run_dir / "arm.json"
-    if args.reuse and done.is_file():
-        print(f"[{name} seed {rl_seed}] reusing {done}")
-        summary = summarize_arm(name, run_dir, args.last_k)
-        summary.update(rl_seed=rl_seed, wall_s=json.loads(done.read_text())["wall_s"])
-        return summary
-    overrides = {**overrides, "train.seed": 1234 + rl_seed}
-    if run_dir.exists():
+def base_overrides(args, task: dict[str, str], model: str) -> list[str]:
+    """The config every run shares, on top of the preset's example config."""
+    m, l_, k = args.m, args.l, args.k
+    return [*common_overrides(args, task), f"model.name_or_path={model}",
+            f"tree.initial_chains={m}", f"tree.expansion_iterations={l_}", f"tree.top_k={k}",
+            f"tree.leaves_per_tree={m + l_ * k}", f"rollout.chains={m + l_ * k}",
+            f"train.steps={args.steps}", f"train.batch_prompts={args.batch_prompts}",
+            f"train.mini_batch_prompts={args.mini_batch_prompts}",
+            f"train.max_generated_tokens={args.token_budget}",
+            f"optimizer.lr={args.lr}", f"optimizer.min_lr={args.lr}", "optimizer.lr_decay_style=constant",
+            f"data.train_files=[{task['train']}]", f"data.eval_files=[{task['test']}]",
+            f"data.eval_limit={args.eval_limit}", "logging.eval_before_train=false",
+            f"logging.eval_every={args.steps}", "logging.tensorboard=false", "logging.save_tree_pictures=false",
+            "checkpoint.save_every=0", "checkpoint.resume=never"]
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+def run_dir(args, arm: str, seed: int) -> Path:
+    return args.out / f"{arm}_s{seed}"
+
+
+def start_run(args, base: list[str], arm: str, seed: int) -> dict[str, Any] | None:
+    folder = run_dir(args, arm, seed)
+    if args.reuse and (folder / "summary.json").is_file():
+        print(f"[{arm} seed {seed}] reusing {folder}", flush=True)
+        return None
+    if folder.exists():
         import shutil
 
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    spec = {"name": name, "overrides": {**overrides, "logging.run_dir": str(run_dir)},
-            "token_budget": args.token_budget}
-    (run_dir / "spec.json").write_text(json.dumps(spec, indent=1) + "\n")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(run_dir / "spec.json")]
-    print(f"[{name}] {' '.join(cmd)}", flush=True)
-    logf = open(run_dir / "log.txt", "w")
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
-    return {"name": name, "rl_seed": rl_seed, "proc": proc, "log": logf, "t0": time.perf_counter(),
-            "run_dir": run_dir}
+        shutil.rmtree(folder)
+    overrides = base + [f"{k}={v}" for k, v in ARMS[arm].items()] + [f"train.seed={1234 + seed}",
+                                                                      f"logging.run_dir={folder}"]
+    command = ["train", args.config, *overrides]
+    if args.nproc_per_node:
+        command += ["--nproc-per-node", str(args.nproc_per_node)]
+    print(f"[{arm} seed {seed}] atpo {' '.join(command)}", flush=True)
+    return {"arm": arm, "seed": seed, "proc": atpo(args, command, folder / "log.txt"), "t0": time.time()}
 
 
-def finish_arm(args, job: dict[str, Any]) -> dict[str, Any]:
-    """Wait for an arm launched by :func:`run_arm`; its summary (also ``<run_dir>/arm.json``)."""
-    if "proc" not in job:  # reused
-        return job
-    name, run_dir = job["name"], job["run_dir"]
-    rc = job["proc"].wait()
-    job["log"].close()
-    wall = time.perf_counter() - job["t0"]
-    done = run_dir / "arm.json"
-    if rc != 0:
-        tail = (run_dir / "log.txt").read_text()[-3000:]
-        raise SystemExit(f"[{name}] the arm failed (exit {rc}); last lines of {run_dir / 'log.txt'}:\n{tail}")
-    summary = summarize_arm(name, run_dir, args.last_k)
-    summary.update(rl_seed=job["rl_seed"], wall_s=wall)
-    done.write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+def finish_run(args, job: dict[str, Any]) -> None:
+    """Summarise a finished run; a failed one (an OOM kill on a shared machine) is reported and left
+    without a summary, so the others go on and ``--reuse`` runs only it again."""
+    folder = run_dir(args, job["arm"], job["seed"])
+    try:
+        finish(job["proc"], folder / "log.txt", f"[{job['arm']} seed {job['seed']}] atpo train")
+    except SystemExit as exc:
+        print(exc, flush=True)
+        return
+    summary = summarize_run(job["arm"], job["seed"], folder, args.last_k)
+    summary["wall_s"] = time.time() - job["t0"]
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"[{job['arm']} seed {job['seed']}] {summary['steps']} steps, {summary['generated_tokens']:.0f} tokens "
+          f"(saving {100 * summary['token_saving']:.0f} %), reward {summary['reward_first']:+.3f} -> "
+          f"{summary['reward_last']:+.3f}, eval EM {summary['eval_em']:.3f} "
+          f"({summary['distinct_answers']} distinct), {summary['wall_s']:.0f}s", flush=True)
 
 
-def worker(spec_path: str) -> int:
-    """Inside the arm's subprocess: the real Trainer, stopped at the token budget, evaluated before and after."""
-    import logging
+def summarize_run(arm: str, seed: int, folder: Path, last_k: int) -> dict[str, Any]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["step"] > 0]
 
-    from atpo_megatron.actor.parallel import destroy_distributed
-    from atpo_megatron.config import load_config
-    from atpo_megatron.trainer import Trainer
+    def col(key):
+        return [r.get(key, math.nan) for r in rows]
 
-    spec = json.loads(Path(spec_path).read_text())
-    overrides = [f"{k}={json.dumps(v)}" for k, v in spec["overrides"].items()]
-    cfg = load_config(REPO_ROOT / "examples" / "embedded_smollm2.yaml", overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("megatron", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    budget = spec["token_budget"]
+    k = max(1, min(last_k, len(rows) // 2))
+    first, last = (lambda xs: sum(xs[:k]) / k), (lambda xs: sum(xs[-k:]) / k)
+    generated, chain = sum(col("rollout/generated_tokens")), sum(col("rollout/chain_tokens"))
+    curves = {name: col(tag) for name, tag in CURVES.items()}
+    return {
+        "arm": arm, "seed": seed, "steps": len(rows), "k": k,
+        "generated_tokens": rows[-1]["rollout/generated_tokens_total"],
+        "token_saving": 1.0 - generated / chain if chain else 0.0,
+        "reward_first": first(curves["reward"]), "reward_last": last(curves["reward"]),
+        "em_first": first(curves["training EM"]), "em_last": last(curves["training EM"]),
+        "format_first": first(curves["format failures"]), "format_last": last(curves["format failures"]),
+        "tools_first": first(curves["tool calls / leaf"]), "tools_last": last(curves["tool calls / leaf"]),
+        "equal_reward_trees": sum(col("rollout/uniform_reward_trees")) / len(rows),
+        "turn_spread": sum(col("credit/turn_spread")) / len(rows),
+        "eval_em": rows[-1].get("eval/em_avg", math.nan),
+        "distinct_answers": int(rows[-1].get("eval/distinct_answers", 0)),
+        "eval_tool_calls": rows[-1].get("eval/tool_calls_avg", math.nan),
+        "step_s": sum(sum(v for t, v in r.items() if t.startswith("timing/") and t != "timing/eval_s")
+                      for r in rows) / len(rows),
+        "curves": {"tokens": col("rollout/generated_tokens_total"), **curves},
+    }
 
-    class BudgetStop:
-        """Stands in for the preemption handler: "stop" once the token budget is spent."""
 
-        def __init__(self, inner):
-            self.inner, self.hit = inner, False
+CURVES = {"reward": "rollout/reward_mean", "training EM": "rollout/em", "format failures": "rollout/format_failure_rate",
+          "tool calls / leaf": "rollout/tool_calls_per_leaf"}
 
-        def should_stop(self) -> bool:
-            return self.hit or self.inner.should_stop()
 
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
+# ------------------------------------------------------------------------------------- statistics
 
-    class BudgetTrainer(Trainer):
-        def evaluate(self):
-            """The trainer's greedy evaluation; also keeps its samples (answers) in eval_samples_<n>.json."""
-            import atpo_megatron.evaluate as ev
+def mean_ci(xs: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the two-sided 95 % Student t interval (nan for one value)."""
+    n = len(xs)
+    mean = sum(xs) / n
+    if n < 2:
+        return mean, math.nan
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    return mean, (T_975[n - 2] if n - 1 <= len(T_975) else 1.96) * sd / math.sqrt(n)
 
-            original_evaluate, captured = ev.evaluate, []
 
-            def keep(*a, **kw):
-                report = original_evaluate(*a, **kw)
-                captured.extend(report["samples"])
-                return report
+ARM_FIELDS = ("eval_em", "eval_gain", "reward_gain", "reward_last", "em_last", "format_last", "tools_last",
+              "token_saving", "steps", "distinct_answers")
 
-            ev.evaluate = keep
-            try:
-                out = super().evaluate()
-            finally:
-                ev.evaluate = original_evaluate
-            self.evals = getattr(self, "evals", 0) + 1
-            if self.rank == 0:
-                answers: dict[str, int] = {}
-                for smp in captured:
-                    answers[str(smp["answer"])] = answers.get(str(smp["answer"]), 0) + 1
-                (self.run_dir / f"eval_samples_{self.evals}.json").write_text(json.dumps(
-                    {"metrics": out, "distinct_answers": len(answers),
-                     "most_common_answers": sorted(answers.items(), key=lambda kv: -kv[1])[:5],
-                     "samples": captured}, indent=1) + "\n")
-            return out
 
-        def fit(self):
-            self.tokens = 0.0
-            self.preemption = BudgetStop(self.preemption)
-            t0 = time.perf_counter()
-            start = self.evaluate()
-            (self.run_dir / "eval_start.json").write_text(
-                json.dumps({**start, "eval_s": time.perf_counter() - t0}, indent=1) + "\n")
-            return super().fit()
+def per_arm(runs: list[dict[str, Any]], before: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        mine = [r for r in runs if r["arm"] == arm]
+        row = {"arm": arm, "seeds": [r["seed"] for r in mine]}
+        for f in ARM_FIELDS:
+            row[f] = mean_ci([value(r, f, before) for r in mine])
+        out.append(row)
+    return out
 
-        def train_one_step(self, step):
-            metrics = super().train_one_step(step)
-            self.tokens += metrics.get("rollout/generated_tokens", 0.0) * self.dp_size
-            metrics["bench/generated_tokens_cum"] = self.tokens
-            if self.tokens >= budget or step + 1 == self.cfg.train.steps:
-                self.preemption.hit = self.tokens >= budget
-                with self.timer.stage("eval"):
-                    metrics.update(self.evaluate())
-            return metrics
 
-    trainer = BudgetTrainer(cfg)
-    trainer.fit()
-    destroy_distributed()
-    return 0
+def value(run: dict[str, Any], field: str, before: dict[str, Any]) -> float:
+    if field == "eval_gain":
+        return run["eval_em"] - before["em"]
+    if field == "reward_gain":
+        return run["reward_last"] - run["reward_first"]
+    return run[field]
+
+
+def paired(runs: list[dict[str, Any]], field: str, before: dict[str, Any]) -> list[dict[str, Any]]:
+    """AT²PO minus each baseline, seed by seed (same prompts, same warm start): mean, 95 % CI, wins."""
+    ref = {r["seed"]: value(r, field, before) for r in runs if r["arm"] == REFERENCE}
+    out = []
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        if arm == REFERENCE:
+            continue
+        diffs = [ref[r["seed"]] - value(r, field, before) for r in runs if r["arm"] == arm and r["seed"] in ref]
+        if not diffs:
+            continue
+        mean, ci = mean_ci(diffs)
+        verdict = ("holds" if mean - ci > 0 else "reversed" if mean + ci < 0 else "not resolved") \
+            if not math.isnan(ci) else "one seed"
+        out.append({"baseline": arm, "field": field, "claim": CLAIMS[arm], "diffs": diffs, "mean": mean, "ci": ci,
+                    "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs), "verdict": verdict})
+    return out
 
 
 # -------------------------------------------------------------------------------------- reporting
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+def fmt(pair: tuple[float, float], spec: str = ".3f") -> str:
+    mean, ci = pair
+    return f"{mean:{spec}}" if math.isnan(ci) else f"{mean:{spec}} ± {ci:{spec}}"
 
 
-def summarize_arm(name: str, run_dir: Path, last_k: int) -> dict[str, Any]:
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    if not rows:
-        raise SystemExit(f"[{name}] {run_dir / 'metrics.jsonl'} is empty: the arm logged no step")
-    start = json.loads((run_dir / "eval_start.json").read_text()) if (run_dir / "eval_start.json").is_file() else {}
-    end = next((r for r in reversed(rows) if "eval/em_avg" in r), {})
-
-    def col(key):
-        return [r.get(key, float("nan")) for r in rows]
-
-    rewards = col("rollout/reward_mean")
-    k = min(last_k, len(rewards))
-    return {
-        "arm": name,
-        "overrides": ARMS[name],
-        "steps": len(rows),
-        "generated_tokens": rows[-1].get("bench/generated_tokens_cum", float("nan")),
-        "chain_equivalent_tokens": sum(col("rollout/chain_tokens")),
-        "tree_token_saving": 1.0 - sum(col("rollout/generated_tokens")) / max(sum(col("rollout/chain_tokens")), 1.0),
-        "curve": {
-            "step": [r["step"] for r in rows],
-            "generated_tokens": col("bench/generated_tokens_cum"),
-            "reward_mean": rewards,
-            "format_failure_rate": col("rollout/format_failure_rate"),
-            "em": col("rollout/em"),
-            "uniform_reward_trees": col("rollout/uniform_reward_trees"),
-            "pg_loss": col("actor/pg_loss"),
-        },
-        "reward_first": rewards[0],
-        "reward_last": rewards[-1],
-        "reward_first_k_mean": sum(rewards[:k]) / k,
-        "reward_last_k_mean": sum(rewards[-k:]) / k,
-        "reward_step_std": _std(rewards),
-        "last_k": k,
-        "format_failure_first_k": sum(col("rollout/format_failure_rate")[:k]) / k,
-        "format_failure_last_k": sum(col("rollout/format_failure_rate")[-k:]) / k,
-        "train_em_first_k": sum(col("rollout/em")[:k]) / k,
-        "train_em_last_k": sum(col("rollout/em")[-k:]) / k,
-        "uniform_reward_trees_mean": sum(col("rollout/uniform_reward_trees")) / len(rows),
-        "eval_em_start": start.get("eval/em_avg", float("nan")),
-        "eval_em_end": end.get("eval/em_avg", float("nan")),
-        "eval_em_start_per_source": {k2: v for k2, v in start.items() if k2.startswith("eval/em_gen")},
-        "eval_em_end_per_source": {k2: v for k2, v in end.items() if k2.startswith("eval/em_gen")},
-        "eval_end_answers": eval_answers(run_dir),
-        "step_s_mean": sum(sum(v for kk, v in r.items() if kk.startswith("timing/") and kk.endswith("_s")
-                               and kk != "timing/eval_s") for r in rows) / len(rows),
-    }
-
-
-def _std(xs: list[float]) -> float:
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
-
-
-def eval_answers(run_dir: Path) -> dict[str, Any]:
-    """Distinct greedy answers of the last evaluation (a constant answer can score EM by luck)."""
-    files = sorted(run_dir.glob("eval_samples_*.json"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    if not files:
-        return {}
-    last = json.loads(files[-1].read_text())
-    return {"distinct_answers": last["distinct_answers"], "most_common_answers": last["most_common_answers"]}
-
-
-def table(results: list[dict[str, Any]]) -> str:
-    k = results[0]["last_k"] if results else 0
-    head = (f"| arm | RL seed | steps | generated tokens (saving vs chains) | "
-            f"reward, mean of first {k} → last {k} steps | "
-            "per-step reward std | "
-            f"format failures, first {k} → last {k} | training EM, first {k} → last {k} | "
-            "greedy eval EM, before → after (distinct answers after) | s/step | wall s |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in results:
-        distinct = r.get("eval_end_answers", {}).get("distinct_answers", "?")
-        lines.append(
-            f"| {r['arm']} | {r['rl_seed']} | {r['steps']} | {r['generated_tokens']:.0f} "
-            f"({100 * r.get('tree_token_saving', 0.0):.1f}%) | "
-            f"{r['reward_first_k_mean']:+.3f} → {r['reward_last_k_mean']:+.3f} | {r['reward_step_std']:.3f} | "
-            f"{r['format_failure_first_k']:.2f} → {r['format_failure_last_k']:.2f} | "
-            f"{r['train_em_first_k']:.3f} → {r['train_em_last_k']:.3f} | "
-            f"{r['eval_em_start']:.3f} → {r['eval_em_end']:.3f} ({distinct}) | {r['step_s_mean']:.1f} | "
-            f"{r['wall_s']:.0f} |")
+def arm_table(arms: list[dict[str, Any]], before: dict[str, Any]) -> str:
+    lines = [f"| arm | seeds | greedy eval EM (before: {before['em']:.3f}) | eval EM gain | distinct answers "
+             f"(of {before['golden_distinct']} golden) | reward gain, first → last k steps | reward, last k | "
+             "training EM, last k | format failures, last k | tool calls / leaf, last k | token saving | steps |",
+             "|" + "---|" * 12]
+    for a in arms:
+        lines.append(f"| {a['arm']} | {len(a['seeds'])} | {fmt(a['eval_em'])} | {fmt(a['eval_gain'], '+.3f')} | "
+                     f"{fmt(a['distinct_answers'], '.1f')} | {fmt(a['reward_gain'], '+.3f')} | "
+                     f"{fmt(a['reward_last'], '+.3f')} | {fmt(a['em_last'])} | {fmt(a['format_last'], '.2f')} | "
+                     f"{fmt(a['tools_last'], '.2f')} | {fmt(a['token_saving'], '.2f')} | {fmt(a['steps'], '.1f')} |")
     return "\n".join(lines)
 
 
-def means(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per arm, the mean over its RL seeds of the table's numbers."""
-    keys = ("steps", "generated_tokens", "reward_first_k_mean", "reward_last_k_mean", "format_failure_first_k",
-            "format_failure_last_k", "train_em_first_k", "train_em_last_k", "eval_em_start", "eval_em_end")
-    out = []
-    for arm in dict.fromkeys(r["arm"] for r in results):
-        rows = [r for r in results if r["arm"] == arm]
-        m = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
-        m["reward_gain_per_seed"] = [r["reward_last_k_mean"] - r["reward_first_k_mean"] for r in rows]
-        out.append({"arm": arm, "seeds": [r["rl_seed"] for r in rows], **m})
-    return out
-
-
-def mean_table(rows: list[dict[str, Any]], k: int) -> str:
-    head = (f"| arm | seeds | steps | generated tokens | reward, first {k} → last {k} | gain per seed | "
-            f"format failures, first {k} → last {k} | greedy eval EM, before → after |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for m in rows:
-        gains = ", ".join(f"{g:+.3f}" for g in m["reward_gain_per_seed"])
-        lines.append(
-            f"| {m['arm']} | {len(m['seeds'])} | {m['steps']:.1f} | {m['generated_tokens']:.0f} | "
-            f"{m['reward_first_k_mean']:+.3f} → {m['reward_last_k_mean']:+.3f} | {gains} | "
-            f"{m['format_failure_first_k']:.2f} → {m['format_failure_last_k']:.2f} | "
-            f"{m['eval_em_start']:.3f} → {m['eval_em_end']:.3f} |")
+def paired_table(comparisons: list[dict[str, Any]]) -> str:
+    lines = ["| AT²PO vs | paper's claim | metric | AT²PO − baseline per seed | mean ± 95 % CI | seeds won | "
+             "verdict |", "|" + "---|" * 7]
+    for c in comparisons:
+        diffs = ", ".join(f"{d:+.3f}" for d in c["diffs"])
+        lines.append(f"| {c['baseline']} | {c['claim']} | {c['field']} | {diffs} | {fmt((c['mean'], c['ci']), '+.3f')} "
+                     f"| {c['wins']}/{len(c['diffs'])} | {c['verdict']} |")
     return "\n".join(lines)
 
 
-def plot(results: list[dict[str, Any]], path: str, title: str) -> None:
+def run_table(runs: list[dict[str, Any]]) -> str:
+    lines = ["| arm | seed | steps | generated tokens (saving) | reward, first → last k | training EM, first → last k "
+             "| format failures | tool calls / leaf | greedy eval EM (distinct) | s/step | wall s |", "|" + "---|" * 11]
+    for r in runs:
+        lines.append(f"| {r['arm']} | {r['seed']} | {r['steps']} | {r['generated_tokens']:.0f} "
+                     f"({100 * r['token_saving']:.0f} %) | {r['reward_first']:+.3f} → {r['reward_last']:+.3f} | "
+                     f"{r['em_first']:.3f} → {r['em_last']:.3f} | {r['format_first']:.2f} → {r['format_last']:.2f} | "
+                     f"{r['tools_first']:.2f} → {r['tools_last']:.2f} | {r['eval_em']:.3f} ({r['distinct_answers']}) | "
+                     f"{r['step_s']:.0f} | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict[str, Any]], path: str, title: str, budget: int) -> None:
+    """Per arm, the mean over seeds and its 95 % band of every curve, against generated tokens."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    colors = {arm: f"C{i}" for i, arm in enumerate(dict.fromkeys(r["arm"] for r in results))}
-    seeds = list(dict.fromkeys(r["rl_seed"] for r in results))
-    styles = ["-", "--", ":", "-."]
-    for r in results:
-        c = r["curve"]
-        x = [t / 1000 for t in c["generated_tokens"]]
-        style = dict(color=colors[r["arm"]], ls=styles[seeds.index(r["rl_seed"]) % len(styles)], marker="o", ms=3,
-                     label=f"{r['arm']} (seed {r['rl_seed']})" if len(seeds) > 1 else r["arm"])
-        axes[0].plot(x, c["reward_mean"], **style)
-        axes[1].plot(x, c["format_failure_rate"], **style)
-        axes[2].plot(x, c["em"], **style)
-    for ax, what in zip(axes, ("mean leaf reward (-1 format fail, 0 wrong, 1 EM)", "format failure rate",
-                               "training EM (no format check)")):
+    grid = np.linspace(0, budget, 25)
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.6 * len(CURVES), 4.2))
+    for i, arm in enumerate(dict.fromkeys(r["arm"] for r in runs)):
+        mine = [r for r in runs if r["arm"] == arm]
+        for ax, name in zip(axes, CURVES):
+            ys = np.array([np.interp(grid, r["curves"]["tokens"], r["curves"][name]) for r in mine])
+            mean = ys.mean(0)
+            ax.plot(grid / 1000, mean, color=f"C{i}", label=f"{arm} ({len(mine)} seeds)")
+            if len(mine) > 1:
+                half = T_975[min(len(mine) - 2, len(T_975) - 1)] * ys.std(0, ddof=1) / np.sqrt(len(mine))
+                ax.fill_between(grid / 1000, mean - half, mean + half, color=f"C{i}", alpha=0.15)
+    for ax, name in zip(axes, CURVES):
+        ax.set_title(name, fontsize=10)
         ax.set_xlabel("generated tokens (thousands)")
-        ax.set_title(what, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -613,59 +423,58 @@ def plot(results: list[dict[str, Any]], path: str, title: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.worker:
-        return worker(args.worker)
-    t0 = time.perf_counter()
-    import torch
-
-    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    args.out.mkdir(parents=True, exist_ok=True)
     task = prepare_task(args)
-    warm = None
-    if args.model == "tiny":
-        print(f"warm-start: tiny Llama {TINY}, {args.sft_steps} SFT steps on {task['train']}", flush=True)
-        model_dir, warm = warm_start(args, task)
-        model = str(model_dir)
-        print(f"warm-start done: loss {warm['loss_first']:.2f} -> {warm['loss_last']:.2f}, {warm['seconds']:.0f}s")
-    else:
-        model = args.model
+    model = warm_start(args, task) if args.model == "warm-start" else args.model
+    before = evaluate_before(args, task, model)
+    print(f"before RL: greedy EM {before['em']:.3f} on {before['n']} held-out questions, {before['distinct_answers']} "
+          f"distinct answers, {before['tool_calls']:.2f} tool calls per question", flush=True)
     base = base_overrides(args, task, model)
-    runs = [(name, seed) for seed in args.rl_seed_list for name in args.arms.split(",")]
-    results, running = [], []
-    for i, (name, seed) in enumerate(runs):
-        running.append(run_arm(args, name, seed, {**base, **ARMS[name]}))
-        if len(running) < max(1, args.parallel) and i + 1 < len(runs):
-            continue
-        for job in running:
-            results.append(finish_arm(args, job))
-            r = results[-1]
-            print(f"[{r['arm']} seed {r['rl_seed']}] {r['steps']} steps, {r['generated_tokens']:.0f} generated "
-                  f"tokens, reward "
-                  f"{r['reward_first_k_mean']:+.3f} -> {r['reward_last_k_mean']:+.3f} (mean of first/last "
-                  f"{r['last_k']}), eval EM {r['eval_em_start']:.3f} -> {r['eval_em_end']:.3f}, {r['wall_s']:.0f}s",
-                  flush=True)
-        running = []
+    queue = [(arm, seed) for seed in args.seed_list for arm in args.arm_list]
+    running: list[dict[str, Any]] = []
+    while queue or running:
+        while queue and len(running) < max(1, args.parallel):
+            job = start_run(args, base, *queue.pop(0))
+            if job is not None:
+                running.append(job)
+        if running:
+            done = next((j for j in running if j["proc"].poll() is not None), None)
+            if done is None:
+                time.sleep(2)
+                continue
+            running.remove(done)
+            finish_run(args, done)
+    summaries = [run_dir(args, a, s) / "summary.json" for s in args.seed_list for a in args.arm_list]
+    missing = [str(p.parent) for p in summaries if not p.is_file()]
+    if missing:
+        print(f"{len(missing)} run(s) failed: {', '.join(missing)}; the results are written only when every run "
+              "has finished: run the same command again with --reuse to run just those", flush=True)
+        return 1
+    runs = [json.loads(p.read_text()) for p in summaries]
+    arms = per_arm(runs, before)
+    comparisons = paired(runs, "eval_em", before) + paired(runs, "reward_gain", before)
     report = {
-        "benchmark": "learning",
-        "command": "python benchmarks/learning.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "model": args.model, "warm_start": warm, "task": task, "hops": args.hop_list,
-        "tree": args.tree, "batch_prompts": args.batch_prompts, "token_budget": args.token_budget,
-        "max_steps": args.steps, "lr": args.lr, "assistant_prefix": args.assistant_prefix,
-        "base_overrides": base, "device": "cuda" if args.gpu else f"cpu ({args.threads} threads)",
-        "torch": torch.__version__, "total_wall_s": time.perf_counter() - t0, "rl_seeds": args.rl_seed_list,
-        "means": means(results), "runs": results,
+        "benchmark": "learning", "command": "python benchmarks/learning.py " + " ".join(sys.argv[1:] if argv is None
+                                                                                      else argv),
+        "preset": "gpu" if args.gpu else "cpu", "model": model, "tree": args.tree, "hops": args.hop_list,
+        "batch_prompts": args.batch_prompts, "token_budget": args.token_budget, "lr": args.lr,
+        "eval_limit": args.eval_limit, "rl_seeds": args.seed_list, "threads": args.threads, "parallel": args.parallel,
+        "base_overrides": base, "eval_before": before, "total_wall_s": time.time() - t0,
+        "load_average_at_end": os.getloadavg(), "arms": arms, "paired": comparisons, "runs": runs,
     }
-    k = results[0]["last_k"] if results else args.last_k
-    md = table(results) + "\n\nMean over RL seeds:\n\n" + mean_table(report["means"], k)
-    print()
-    print(md)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-    Path(args.json).with_suffix(".md").write_text(
-        f"# {Path(args.json).stem}\n\n`{report['command']}` — model {args.model}, tree M,L,K = {args.tree}, "
-        f"{args.batch_prompts} prompts/step, budget {args.token_budget} generated tokens, lr {args.lr}, "
-        f"hops {args.hops}, total wall {report['total_wall_s']:.0f}s\n\n{md}\n")
-    plot(results, args.png, f"{args.model}: reward vs generated tokens (tree {args.tree}, "
-                            f"{args.batch_prompts} prompts/step, budget {args.token_budget})")
+    md = (f"# {Path(args.json).stem}\n\n`{report['command']}`: {args.model} from {model}, tree M,L,K = {args.tree} "
+          f"(chains: {args.m + args.l * args.k} per prompt), {args.batch_prompts} prompts/step, lr {args.lr}, budget "
+          f"{args.token_budget} generated tokens per run, {len(args.seed_list)} RL seeds, {args.hops}-hop questions; "
+          f"total wall {report['total_wall_s']:.0f}s.\n\nPer arm, mean ± 95 % CI over seeds:\n\n{arm_table(arms, before)}"
+          f"\n\nAT²PO against each baseline, paired by seed:\n\n{paired_table(comparisons)}\n\nEvery run:\n\n"
+          f"{run_table(runs)}\n")
+    Path(args.json).with_suffix(".md").write_text(md)
+    plot(runs, args.png, f"{Path(args.json).stem}: mean and 95 % band over seeds (tree {args.tree}, "
+                         f"{args.batch_prompts} prompts/step, lr {args.lr})", args.token_budget)
+    print("\n" + md)
     print(f"wrote {args.json}, {Path(args.json).with_suffix('.md')}, {args.png}")
     return 0
 

@@ -119,7 +119,7 @@ def _question_from_prompt(prompt: Any) -> str | None:
 # ----------------------------------------------------------------------------------------------
 # The generated knowledge-base task
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 _ONSETS = "b br d dr f g gr h k kr l m n p r s sh t th tr v z".split()
 _VOWELS = ["a", "e", "i", "o", "u", "a", "e", "o", "ai", "ou"]
@@ -341,15 +341,20 @@ def generate_task(
 def _split_test(
     pools: dict[str, list[dict[str, Any]]], n_test: int, params: dict[str, int]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Take ``n_test`` questions spread evenly over the hop counts; return (test, the rest)."""
-    test, rest = [], []
+    """Take ``n_test`` questions spread evenly over the hop counts; return (test, the rest).
+
+    The test questions are interleaved (1-, 2-, 3-hop, 1-, 2-, ...), so that the first n of the
+    file (``data.eval_limit``) are as evenly spread over the hop counts as the whole.
+    """
+    shares, rest = [], []
     for i, rows in enumerate(pools.values()):
         share = n_test // len(pools) + (1 if i < n_test % len(pools) else 0)
         if share > len(rows):
             raise ValueError(f"generate_task: the test split needs {share} questions from a pool of "
                              f"{len(rows)}; raise n_entities or lower n_test ({params})")
-        test += rows[:share]
+        shares.append(rows[:share])
         rest += rows[share:]
+    test = [rows[j] for j in range(max(map(len, shares), default=0)) for rows in shares if j < len(rows)]
     return test, rest
 
 

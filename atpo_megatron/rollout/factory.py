@@ -32,7 +32,7 @@ def make_engine(cfg: RolloutConfig, model_path: str | Path, *, dtype=None, devic
 
             device = f"cuda:{device_index}" if torch.cuda.is_available() else "cpu"
         return HFEngine(model_path, device=device, dtype=dtype, generation_batch_size=cfg.generation_batch_size,
-                        static_cache=cfg.static_cache)
+                        static_cache=cfg.static_cache, prefix_cache_mb=cfg.prefix_cache_mb)
     if cfg.engine == "vllm":
         from atpo_megatron.rollout.vllm_engine import VLLMEngine
 

@@ -13,6 +13,15 @@ One ``generate`` call:
    rows are dropped from the batch (and from the KV cache); with the static cache they stay in the
    batch (fixed shapes) but nothing is recorded for them any more.
 
+Prefix cache (``prefix_cache_mb`` > 0, dynamic cache only): the KV of every context the engine has
+finished is kept, keyed by its token ids, until the weights change (``load_weights``) or the engine
+sleeps. A later prompt reuses the KV of its longest common prefix with any kept context (vLLM's
+automatic prefix caching, without blocks) and prefills only the rest; the prompts of one call that
+share a long common prefix (the system prompt) have it prefilled once. The agent loop re-sends
+every branch's whole context each turn, and a tree's branches share their trunk, so this skips most
+of the prefill: the contexts are hundreds of tokens, a turn adds tens. Rows keep their cached KV
+right-aligned and their new tokens left-padded after it; position ids count real tokens only.
+
 Sampling (all in fp32): temperature 0 is argmax; otherwise logits / temperature, then top-k, then
 top-p, then one draw per row from a ``torch.Generator`` seeded with ``params.seed``. The same seed,
 prompts and params give the same completions; the draws depend on how the batch is laid out (sorting
@@ -49,6 +58,7 @@ class HFEngine:
         dtype: torch.dtype | None = None,
         generation_batch_size: int = 64,
         static_cache: bool = False,
+        prefix_cache_mb: int = 0,
         eos_token_ids: Iterable[int] | None = None,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -69,6 +79,7 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.generation_batch_size = generation_batch_size
         self.static_cache = static_cache
+        self.prefix_cache = PrefixCache(prefix_cache_mb << 20) if prefix_cache_mb > 0 and not static_cache else None
         self.eos_token_ids = set(eos_token_ids) if eos_token_ids is not None else _default_eos_ids(model, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # A vocab padded past the tokenizer (Qwen) has rows no text maps to: never sample them
@@ -106,20 +117,28 @@ class HFEngine:
 
         B, T, dev = len(prompts), params.max_tokens, self.device
         lens = torch.tensor([len(p) for p in prompts])
-        L = int(lens.max())
-        ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
-        # mask covers prompt + every future token; column L+t is the t-th generated token
-        mask = torch.zeros((B, L + T), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, L - len(p) :] = torch.tensor(p)
-            mask[i, L - len(p) :] = 1
-        pos = (mask[:, :L].cumsum(-1) - 1).clamp(min=0)  # pads get 0; masked out anyway
+        reused = self._reused_prefixes(prompts)  # per row: (cached tokens c_i, its KV or None)
+        C = max(c for c, _ in reused)
+        N = max(len(p) - c for p, (c, _) in zip(prompts, reused))
+        ids = torch.full((B, N), self.pad_token_id, dtype=torch.long)
+        pos = torch.zeros((B, N), dtype=torch.long)
+        # mask covers [cached KV | new tokens | every future token]; column C+N+t is the t-th generated token.
+        # A row's cached KV ends at column C, its new tokens end at column C+N (pads in between count 0).
+        mask = torch.zeros((B, C + N + T), dtype=torch.long)
+        for i, (p, (c, _)) in enumerate(zip(prompts, reused)):
+            n = len(p) - c
+            ids[i, N - n:] = torch.tensor(p[c:])
+            pos[i, N - n:] = torch.arange(c, len(p))  # pads get 0; masked out anyway
+            mask[i, C - c:C] = 1
+            mask[i, C + N - n:] = 1
         ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
         if self.static_cache:
-            cache = StaticCache(config=self.model.config, max_cache_len=L + T)
+            cache = StaticCache(config=self.model.config, max_cache_len=N + T)
+        elif C > 0:
+            cache = DynamicCache(_stack_rows([kv for _, kv in reused], [c for c, _ in reused], C), config=self.model.config)
         else:
             cache = DynamicCache(config=self.model.config)
-        logits = self._forward(ids, mask if self.static_cache else mask[:, :L], pos, cache)
+        logits = self._forward(ids, mask if self.static_cache else mask[:, :C + N], pos, cache)
         next_pos = lens.to(dev)  # position id of the token about to be generated, per live row
 
         tokens: list[list[int]] = [[] for _ in range(B)]
@@ -139,6 +158,8 @@ class HFEngine:
                 finish[r] = self._finish_reason(tokens[r], params, stop_window)
                 if finish[r] is None:
                     keep.append(j)
+                elif self.prefix_cache is not None:  # the cache holds its context and tokens[:-1]
+                    self.prefix_cache.add(prompts[r] + tokens[r][:-1], _row_kv(cache, j, mask[j, :C + N + t]))
             if not keep:
                 break
             if not self.static_cache and len(keep) < len(live):
@@ -146,10 +167,34 @@ class HFEngine:
                 cache.batch_select_indices(idx)
                 mask, next_pos, tok = mask[idx], next_pos[idx], tok[idx]
                 live = [live[j] for j in keep]
-            step_mask = mask if self.static_cache else mask[:, : L + t + 1]
+            step_mask = mask if self.static_cache else mask[:, : C + N + t + 1]
             logits = self._forward(tok[:, None], step_mask, next_pos[:, None], cache)
             next_pos = next_pos + 1
         return [Completion(tokens[r], logps[r], finish[r] or "length") for r in range(B)]
+
+    def _reused_prefixes(self, prompts: list[list[int]]) -> list[tuple[int, torch.Tensor | None]]:
+        """Per prompt, the longest kept prefix (at most all but its last token) and its KV.
+
+        Prompts that share a longer common prefix than the cache holds get it prefilled once, first.
+        """
+        if self.prefix_cache is None:
+            return [(0, None)] * len(prompts)
+        if len(prompts) > 1:
+            common = _common_prefix(prompts, max_len=min(len(p) for p in prompts) - 1)
+            if len(common) >= PrefixCache.MIN_SHARED and self.prefix_cache.match(common)[0] < len(common):
+                self._prefill_into_cache(common)
+        return [self.prefix_cache.match(p, max_len=len(p) - 1) for p in prompts]
+
+    def _prefill_into_cache(self, ids: list[int]) -> None:
+        from transformers import DynamicCache
+
+        cached, kv = self.prefix_cache.match(ids)
+        cache = DynamicCache(_stack_rows([kv], [cached], cached), config=self.model.config) if cached else \
+            DynamicCache(config=self.model.config)
+        x = torch.tensor([ids[cached:]], device=self.device)
+        mask = torch.ones((1, len(ids)), dtype=torch.long, device=self.device)
+        self._forward(x, mask, torch.arange(cached, len(ids), device=self.device)[None], cache)
+        self.prefix_cache.add(ids, _row_kv(cache, 0, mask[0]))
 
     def _forward(self, ids, mask, pos, cache) -> torch.Tensor:
         """Logits of the last position, [B, V]. One place to wrap (compile, CUDA graphs) later."""
@@ -214,6 +259,8 @@ class HFEngine:
             if verify:
                 check_fingerprints([(name, fingerprint(tensor.to(p.dtype)))], [(name, *fingerprint(p))],
                                    where="the hf engine")
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()  # KV of the old weights
         return 1
 
     def sleep(self) -> None:
@@ -221,6 +268,8 @@ class HFEngine:
         (the KV cache never outlives a generate call), so only the asleep flag is set."""
         if self._asleep:
             return
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
         if self.device.type == "cuda":
             self.model.to("cpu")
             torch.cuda.empty_cache()
@@ -236,6 +285,90 @@ class HFEngine:
     def close(self) -> None:
         """Drop the model (its memory goes back to the allocator)."""
         self.model = None
+
+
+class PrefixCache:
+    """KV of token sequences, looked up by longest common prefix; least recently used evicted first.
+
+    One entry is a tensor ``[layers, 2, kv_heads, tokens, head_dim]`` (keys and values of every
+    layer). An entry that is a prefix of a newly added one is dropped (the new one covers it).
+    """
+
+    MIN_SHARED = 32
+    """Prompts of a call sharing at least this many tokens have them prefilled once."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: dict[tuple[int, ...], torch.Tensor] = {}  # insertion order = recency
+        self.bytes = 0
+
+    def match(self, ids: list[int], max_len: int | None = None) -> tuple[int, torch.Tensor | None]:
+        """(n, KV of the first n tokens) of the entry sharing the longest prefix with ``ids``, n <= max_len."""
+        limit = len(ids) if max_len is None else min(max_len, len(ids))
+        query = torch.tensor(ids[:limit])
+        best, best_key = 0, None
+        for key in self.entries:
+            k = min(len(key), limit)
+            if k <= best:
+                continue
+            same = torch.tensor(key[:k]) == query[:k]
+            n = k if bool(same.all()) else int(same.int().argmin())
+            if n > best:
+                best, best_key = n, key
+        if best_key is None:
+            return 0, None
+        kv = self.entries.pop(best_key)
+        self.entries[best_key] = kv  # most recently used
+        return best, kv[:, :, :, :best]
+
+    def add(self, ids: list[int], kv: torch.Tensor) -> None:
+        key = tuple(ids)
+        if not key or kv.shape[3] != len(key):
+            return
+        for old in [k for k in self.entries if len(k) <= len(key) and key[:len(k)] == k]:
+            self.bytes -= _nbytes(self.entries.pop(old))
+        self.entries[key] = kv
+        self.bytes += _nbytes(kv)
+        while self.bytes > self.max_bytes and len(self.entries) > 1:
+            self.bytes -= _nbytes(self.entries.pop(next(iter(self.entries))))
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _common_prefix(seqs: list[list[int]], max_len: int) -> list[int]:
+    first = seqs[0][:max_len]
+    n = len(first)
+    for s in seqs[1:]:
+        n = min(n, len(s))
+        for j in range(n):
+            if s[j] != first[j]:
+                n = j
+                break
+    return first[:n]
+
+
+def _row_kv(cache, row: int, mask_row: torch.Tensor) -> torch.Tensor:
+    """One row's KV at its real (mask 1) columns, as a prefix-cache entry ``[layers, 2, heads, n, dim]``."""
+    cols = mask_row.bool().nonzero().squeeze(1)
+    return torch.stack([torch.stack([layer.keys[row][:, cols], layer.values[row][:, cols]])
+                        for layer in cache.layers])
+
+
+def _stack_rows(kvs: list[torch.Tensor | None], lengths: list[int], width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values) ``[rows, heads, width, dim]``: each row's KV right-aligned, zeros before it."""
+    ref = next(kv for kv in kvs if kv is not None)
+    n_layers, _, heads, _, dim = ref.shape
+    out = torch.zeros((n_layers, 2, len(kvs), heads, width, dim), dtype=ref.dtype, device=ref.device)
+    for i, (kv, c) in enumerate(zip(kvs, lengths)):
+        if c:
+            out[:, :, i, :, width - c:] = kv
+    return [(out[layer, 0], out[layer, 1]) for layer in range(n_layers)]
 
 
 def _sample(

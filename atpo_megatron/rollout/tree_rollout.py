@@ -191,6 +191,33 @@ def rollout_statistics(
     return stats
 
 
+def credit_statistics(trees: Sequence[TurnTree], node_advantages: Sequence[Sequence[float]]) -> dict[str, float]:
+    """The ``credit/...`` scalars: how the advantages of one batch are spread over its leaves' turns.
+
+    Every (leaf, turn) pair counts once, as the loss sees it (a shared turn once per leaf below it):
+    ``adv_abs_mean`` = mean |A|; ``adv_std`` = population std of A; ``turn_spread`` = mean over
+    leaves of max - min of A along the leaf's turns (0 when every turn of a trajectory gets the same
+    advantage, as GRPO's outcome advantage does; > 0 when turn-wise credit tells turns apart);
+    ``zero_adv_leaves`` = fraction of leaves whose turns all have A = 0 (no gradient from them).
+    """
+    values, spreads, zero = [], [], 0
+    for tree, adv in zip(trees, node_advantages, strict=True):
+        for leaf in tree.leaves():
+            turns = [adv[i] for i in tree.path(leaf)[1:]]
+            values += turns
+            spreads.append(max(turns) - min(turns))
+            zero += all(a == 0.0 for a in turns)
+    if not values:
+        return {}
+    mean = sum(values) / len(values)
+    return {
+        "credit/adv_abs_mean": sum(abs(a) for a in values) / len(values),
+        "credit/adv_std": math.sqrt(sum((a - mean) ** 2 for a in values) / len(values)),
+        "credit/turn_spread": sum(spreads) / len(spreads),
+        "credit/zero_adv_leaves": zero / len(spreads),
+    }
+
+
 # What each rollout/... mean averages over: its weight when the engines' statistics are merged.
 _MEAN_OVER = {
     "rollout/leaves_per_tree": "rollout/trees",
@@ -203,6 +230,10 @@ _MEAN_OVER = {
     "rollout/em": "rollout/sequences",
     "rollout/token_saving": "rollout/chain_tokens",  # 1 - generated / chain tokens
     "rollout/prefix_cache_hit_rate": "rollout/context_tokens",
+    "credit/adv_abs_mean": "rollout/leaves",  # per (leaf, turn) in credit_statistics; leaves weigh the engines
+    "credit/adv_std": "rollout/leaves",  # the engines' stds averaged, not the pooled std
+    "credit/turn_spread": "rollout/leaves",
+    "credit/zero_adv_leaves": "rollout/leaves",
 }
 
 
@@ -330,17 +361,19 @@ class TreeRollout:
         trees = self.build_trees(examples, seed, gen)
         produced = produced_leaf_stats(trees)
         dropped = sum(t.drop_leaves("tool_error") for t in trees) if self.drop_tool_errors else 0
-        sequences, em = [], []
+        sequences, em, advantages = [], [], []
         for k, tree in enumerate(trees):
             if not tree.leaves():  # every trajectory of this prompt ended in a failed tool call
                 continue
             tree.sample_leaves(self.plan.leaves_per_tree, gen)
             em += self.score_leaves(tree)
-            for row in tree.training_sequences(self.node_advantages(tree)):
+            advantages.append((tree, self.node_advantages(tree)))
+            for row in tree.training_sequences(advantages[-1][1]):
                 row.tree_index = k
                 sequences.append(row)
         loop = self.loop.stats.since(before)
         stats = rollout_statistics(trees, produced, loop, em)
+        stats.update(credit_statistics(*zip(*advantages)) if advantages else {})
         stats["rollout/dropped_tool_error_leaves"] = float(dropped)
         stats["rollout/total_s"] = time.perf_counter() - t0
         return RolloutBatch(trees, sequences, stats, loop)
@@ -360,12 +393,11 @@ def _generator(seed: int | None) -> torch.Generator:
 # `atpo eval`; the trainer can use them too)
 
 @contextlib.contextmanager
-def rollout_environment(cfg: "Config", engine: Engine | None = None):
-    """Yield ``(engine, search_client)`` for ``cfg``; starts/stops the embedded retriever.
+def search_environment(cfg: "Config"):
+    """Yield a ``SearchClient`` for ``cfg.retriever``; starts/stops the embedded retriever.
 
     ``retriever.url == "embedded"`` starts ``env.retriever.RetrieverServer`` on a free loopback port
     over ``retriever.corpus`` (empty = the generated task's corpus, written if needed).
-    ``engine``: reuse one (tests); otherwise ``make_engine(cfg.rollout, resolve_model(cfg.model...))``.
     """
     from atpo_megatron.env.search_tool import SearchClient
 
@@ -378,7 +410,17 @@ def rollout_environment(cfg: "Config", engine: Engine | None = None):
             server = stack.enter_context(RetrieverServer(corpus, backend=cfg.retriever.backend, topk=cfg.retriever.topk))
             url = server.url
             log.info("embedded retriever (%s over %s) at %s", cfg.retriever.backend, corpus, url)
-        client = stack.enter_context(SearchClient.from_config(cfg.retriever, url))
+        yield stack.enter_context(SearchClient.from_config(cfg.retriever, url))
+
+
+@contextlib.contextmanager
+def rollout_environment(cfg: "Config", engine: Engine | None = None):
+    """Yield ``(engine, search_client)`` for ``cfg`` (see :func:`search_environment`).
+
+    ``engine``: reuse one (tests); otherwise ``make_engine`` for ``model.name_or_path`` in ``model.dtype``,
+    closed on exit.
+    """
+    with search_environment(cfg) as client, contextlib.ExitStack() as stack:
         if engine is None:
             from atpo_megatron.hub import resolve_model
             from atpo_megatron.rollout.factory import make_engine

@@ -114,6 +114,7 @@ def test_generated_task_sizes_and_sources(task):
     assert 300 <= len(corpus) <= 600
     assert len(train) == 500 and len(test) == 150
     assert [r["data_source"] for r in test].count("gen-3hop") == 50  # even test split over hop counts
+    assert [r["data_source"][4] for r in test[:6]] == list("123123")  # interleaved: any prefix is even too
     assert {r["data_source"] for r in train} == {"gen-1hop", "gen-2hop", "gen-3hop"}
     assert not {r["question"] for r in train} & {r["question"] for r in test}
     for row in train + test:

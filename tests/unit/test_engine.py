@@ -353,3 +353,59 @@ def test_position_ids_count_real_tokens_only(tokenizer, prompts):
     assert seen[0][0].tolist() == list(range(n0))
     assert seen[0][1, -n1:].tolist() == list(range(n1))
     assert [s[:, 0].tolist() for s in seen[1:]] == [[n0 + t, n1 + t] for t in range(2)]
+
+
+def test_prefix_cache_reuses_kept_contexts_and_matches_a_fresh_prefill(tokenizer, prompts):
+    model = tiny_llama()
+    fresh = HFEngine(model, tokenizer, device="cpu")
+    cached = HFEngine(model, tokenizer, device="cpu", prefix_cache_mb=64)
+    obs = tokenizer.encode(" <result> Paris is the capital </result>")
+    params = SamplingParams(temperature=1.0, max_tokens=6, seed=5, stop=("ZZZ",))
+    shared = tokenizer.encode("You are a helpful assistant who answers questions. " * 4)  # > MIN_SHARED tokens
+    contexts = [shared + p for p in prompts]
+    for turn in range(3):  # the agent loop: each turn re-sends context + completion + observation
+        a, b = fresh.generate(contexts, params), cached.generate(contexts, params)
+        for ctx, x, y in zip(contexts, a, b):
+            assert x.token_ids == y.token_ids
+            assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
+            ref, _ = teacher_forced_logprobs(model, ctx, y.token_ids)
+            assert torch.allclose(torch.tensor(y.logprobs), ref, atol=1e-5, rtol=0)
+            nxt = ctx + y.token_ids + obs
+            # everything but the completion's last token (never fed) is kept for the next turn
+            assert cached.prefix_cache.match(nxt)[0] == len(ctx) + len(y.token_ids) - 1
+        contexts = [ctx + y.token_ids + obs for ctx, y in zip(contexts, b)]
+    # a fork re-samples from inside a kept context: the common part is reused
+    fork = contexts[0][: len(shared) + 3] + tokenizer.encode(" fork")
+    assert cached.prefix_cache.match(fork, max_len=len(fork) - 1)[0] == len(shared) + 3
+    assert fresh.generate([fork], params)[0].token_ids == cached.generate([fork], params)[0].token_ids
+
+
+def test_prefix_cache_is_dropped_with_the_old_weights(tokenizer, prompts):
+    eng = HFEngine(tiny_llama(), tokenizer, device="cpu", prefix_cache_mb=64)
+    eng.generate(prompts, GREEDY)
+    assert eng.prefix_cache.entries
+    other = tiny_llama(seed=1)
+    eng.load_weights((n, p.detach().clone()) for n, p in other.named_parameters())
+    assert not eng.prefix_cache.entries  # stale KV would decode the new weights from the old ones' keys
+    assert eng.generate(prompts, GREEDY) == HFEngine(other, tokenizer, device="cpu").generate(prompts, GREEDY)
+    eng.sleep()
+    eng.wake()
+    assert not eng.prefix_cache.entries
+
+
+def test_prefix_cache_bookkeeping():
+    from atpo_megatron.rollout.hf_engine import PrefixCache
+
+    def kv(n):  # [layers, 2, heads, n, dim]: 2 * 25 fp16 values = 100 bytes per token
+        return torch.zeros((1, 2, 1, n, 25), dtype=torch.float16)
+
+    cache = PrefixCache(max_bytes=1000)  # 10 tokens
+    cache.add([1, 2, 3], kv(3))
+    cache.add([1, 2, 3, 4], kv(4))  # covers [1, 2, 3]: that entry is dropped
+    assert list(cache.entries) == [(1, 2, 3, 4)] and cache.bytes == 400
+    assert cache.match([1, 2, 9])[0] == 2 and cache.match([1, 2, 3, 4, 5], max_len=3)[0] == 3
+    assert cache.match([7])[0] == 0 and cache.match([7])[1] is None
+    cache.add([5, 6, 7, 8], kv(4))
+    cache.match([1, 2])  # [1, 2, 3, 4] is now the most recently used
+    cache.add([9, 9, 9], kv(3))  # 1100 bytes > 1000: the least recently used entry goes
+    assert list(cache.entries) == [(1, 2, 3, 4), (9, 9, 9)] and cache.bytes == 700

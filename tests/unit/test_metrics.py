@@ -223,8 +223,11 @@ def test_profiler_disabled_writes_nothing(tmp_path):
 
 def test_step_log_line():
     line = StepLog()({"rollout/reward_mean": torch.tensor(0.41234), "actor/loss": -0.012345,
-                      "actor/clip_frac": 0.03125, "timing/rollout_s": 12.345, "timing/actor_s": 0.0512},
+                      "actor/pg_clipfrac": 0.03125, "rollout/em": 0.4375, "rollout/format_failure_rate": 0.0625,
+                      "rollout/tool_calls_per_leaf": 1.875, "eval/em_avg": 0.5,
+                      "timing/rollout_s": 12.345, "timing/actor_s": 0.0512},
                      step=7)
-    assert line == "step 7 | reward 0.412 | loss -0.01235 | clip 0.031 | rollout 12.3s actor 0.0512s"
+    assert line == ("step 7 | reward 0.412 | EM 0.44 | format fail 0.06 | tools/leaf 1.9 | loss -0.01235 | "
+                    "clip 0.031 | eval EM 0.500 | rollout 12.3s actor 0.0512s")
     assert StepLog()({"actor/loss": 1.0}) == "loss 1"
     assert StepLog(fields=(("em", "eval/em", "{:.2f}"),), timing=False)({"eval/em": 0.5, "timing/a_s": 1}) == "em 0.50"

@@ -5,7 +5,15 @@ import argparse
 import pytest
 
 from atpo_megatron.metrics import MetricsWriter
-from atpo_megatron.report import add_report_arguments, load_metrics, main, report_main, summarize
+from atpo_megatron.report import (
+    add_report_arguments,
+    learning_summary,
+    learning_table,
+    load_metrics,
+    main,
+    report_main,
+    summarize,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REWARDS = [0.1, 0.4, 0.3, 0.5, 0.45]
@@ -50,10 +58,34 @@ def test_report_prints_table_and_writes_pngs(tmp_path, capsys):
     for text in ("rollout/reward_mean best", "0.5 (step 3)", "timing/rollout_s mean", "MFU mean", "25.0 %"):
         assert text in out
     pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
-    assert pngs == ["eval.png", "loss.png", "reward.png", "stage_times.png"]
+    assert pngs == ["eval.png", "learning.png", "loss.png", "reward.png", "stage_times.png"]
     for name in pngs:
         data = (tmp_path / "plots" / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000
+
+
+def test_learning_summary_and_table(tmp_path, capsys):
+    with MetricsWriter(tmp_path / "run", tensorboard=False) as w:
+        w.log(0, {"eval/em_avg": 0.25})  # logging.eval_before_train
+        for step, (em, fmt) in enumerate([(0.1, 0.5), (0.2, 0.4), (0.3, 0.3), (0.5, 0.2), (0.6, 0.1), (0.7, 0.0)], 1):
+            w.log(step, {"rollout/reward_mean": em - fmt, "rollout/em": em, "rollout/format_failure_rate": fmt,
+                         "credit/turn_spread": 0.5})
+        w.log(6, {"eval/em_avg": 0.75})
+    rows = load_metrics(tmp_path / "run")
+    table = dict(learning_summary(rows))
+    # 6 steps: k = 2, means of steps 1-2 and 5-6
+    assert table["train EM (rollout/em)"] == "0.150 -> 0.650 (mean of first / last 2 of 6 steps)"
+    assert table["format fail (rollout/format_failure_rate)"].startswith("0.450 -> 0.050")
+    assert table["reward (rollout/reward_mean)"].startswith("-0.300 -> 0.600")
+    assert table["eval EM before -> after"] == "0.250 (step 0) -> 0.750 (step 6)"
+    assert "tools/leaf (rollout/tool_calls_per_leaf)" not in table  # never logged
+    header, body = learning_table(rows, max_rows=4)
+    assert header == ["step", "reward", "train EM", "format fail", "adv. spread", "eval EM"]
+    assert [r[0] for r in body] == ["0", "2", "4", "6"]  # evenly spread over steps 0..6
+    assert body[0] == ["0", "", "", "", "", "0.25"] and body[-1] == ["6", "0.7", "0.7", "0", "0.5", "0.75"]
+    assert main([str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "eval EM before -> after" in out and "0.250 (step 0) -> 0.750 (step 6)" in out
 
 
 def test_report_falls_back_to_event_files(tmp_path, capsys):

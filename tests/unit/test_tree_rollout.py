@@ -143,6 +143,26 @@ def test_statistics_arithmetic():
     assert sum(v for k, v in st.items() if k.startswith("rollout/finish_")) == pytest.approx(1.0)
 
 
+def test_credit_statistics_hand_computed():
+    # root -> a -> {b, c}; root -> d. Leaves b, c, d; a is shared by b and c.
+    t = TurnTree([1, 2])
+    a = t.add_child(0, [5], [1], [-0.1])
+    b, c = t.add_child(a, [6], [1], [-0.1]), t.add_child(a, [7], [1], [-0.1])
+    d = t.add_child(0, [8], [1], [-0.1])
+    zero = TurnTree([1])
+    zero.add_child(zero.add_child(0, [5], [1], [-0.1]), [6], [1], [-0.1])
+    adv = [0.0] * 5
+    adv[a], adv[b], adv[c], adv[d] = 0.5, 1.0, 0.0, -1.0
+    st = tr.credit_statistics([t, zero], [adv, [0.0, 0.0, 0.0]])
+    # (leaf, turn) values: b: 0.5, 1; c: 0.5, 0; d: -1; zero's leaf: 0, 0 -> 7 values, sum 1
+    values = [0.5, 1.0, 0.5, 0.0, -1.0, 0.0, 0.0]
+    mean = sum(values) / 7
+    assert st["credit/adv_abs_mean"] == pytest.approx(3.0 / 7)
+    assert st["credit/adv_std"] == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in values) / 7))
+    assert st["credit/turn_spread"] == pytest.approx((0.5 + 0.5 + 0.0 + 0.0) / 4)  # per leaf max - min
+    assert st["credit/zero_adv_leaves"] == pytest.approx(1 / 4)
+
+
 def _one_leaders_statistics(ro, exs, seed):
     """What one DP leader computes for its share of the prompts (before leaf sampling, so that the same
     trees can also be scored all together)."""
@@ -230,6 +250,7 @@ def test_chain_mode_uses_grpo_outcome_advantages():
         for s in rows:
             assert s.advantages == pytest.approx([(s.reward - mean) / (std + 1e-6)] * len(s.response_ids))
     assert batch.stats["rollout/token_saving"] == 0.0
+    assert batch.stats["credit/turn_spread"] == 0.0  # one outcome advantage on every turn of a chain
 
 
 def test_grpo_single_leaf_group_gets_its_reward():
@@ -336,6 +357,7 @@ def test_evaluate_em_per_source_and_micro_average():
     assert report["per_source"]["a"]["em"] == pytest.approx(0.5) and report["per_source"]["a"]["n"] == 6
     assert report["per_source"]["b"]["em"] == pytest.approx(0.5) and report["per_source"]["b"]["n"] == 2
     assert report["avg"]["em"] == pytest.approx(4 / 8) and report["avg"]["f1"] == pytest.approx(4 / 8)
+    assert report["avg"]["distinct_answers"] == 2 and report["per_source"]["b"]["distinct_answers"] == 2
     assert all(c.params.temperature == 0.0 for c in engine.calls)
     assert [len(c.prompts) for c in engine.calls] == [3, 3, 3, 3, 2, 2]  # 3 batches x (search, answer)
     assert all(s["turns"] == 2 and s["tool_calls"] == 1 for s in report["samples"])
