@@ -355,39 +355,43 @@ def fmt(pair: tuple[float, float], spec: str = ".3f") -> str:
     return f"{mean:{spec}}" if math.isnan(ci) else f"{mean:{spec}} ± {ci:{spec}}"
 
 
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table."""
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *rows])
+
+
 def arm_table(arms: list[dict[str, Any]], before: dict[str, Any]) -> str:
-    lines = [f"| arm | seeds | greedy eval EM (before: {before['em']:.3f}) | eval EM gain | distinct answers "
-             f"(of {before['golden_distinct']} golden) | reward gain, first → last k steps | reward, last k | "
-             "training EM, last k | format failures, last k | tool calls / leaf, last k | token saving | steps |",
-             "|" + "---|" * 12]
-    for a in arms:
-        lines.append(f"| {a['arm']} | {len(a['seeds'])} | {fmt(a['eval_em'])} | {fmt(a['eval_gain'], '+.3f')} | "
-                     f"{fmt(a['distinct_answers'], '.1f')} | {fmt(a['reward_gain'], '+.3f')} | "
-                     f"{fmt(a['reward_last'], '+.3f')} | {fmt(a['em_last'])} | {fmt(a['format_last'], '.2f')} | "
-                     f"{fmt(a['tools_last'], '.2f')} | {fmt(a['token_saving'], '.2f')} | {fmt(a['steps'], '.1f')} |")
-    return "\n".join(lines)
+    header = ["arm", "seeds", f"greedy eval EM (before: {before['em']:.3f})", "eval EM gain",
+              f"distinct answers (of {before['golden_distinct']} golden)", "reward gain, first → last k steps",
+              "reward, last k", "training EM, last k", "format failures, last k", "tool calls / leaf, last k",
+              "token saving", "steps"]
+    return md_table(header, [[a["arm"], str(len(a["seeds"])), fmt(a["eval_em"]), fmt(a["eval_gain"], "+.3f"),
+                              fmt(a["distinct_answers"], ".1f"), fmt(a["reward_gain"], "+.3f"),
+                              fmt(a["reward_last"], "+.3f"), fmt(a["em_last"]), fmt(a["format_last"], ".2f"),
+                              fmt(a["tools_last"], ".2f"), fmt(a["token_saving"], ".2f"), fmt(a["steps"], ".1f")]
+                             for a in arms])
 
 
 def paired_table(comparisons: list[dict[str, Any]]) -> str:
-    lines = ["| AT²PO vs | paper's claim | metric | AT²PO − baseline per seed | mean ± 95 % CI | seeds won | "
-             "verdict |", "|" + "---|" * 7]
-    for c in comparisons:
-        diffs = ", ".join(f"{d:+.3f}" for d in c["diffs"])
-        lines.append(f"| {c['baseline']} | {c['claim']} | {c['field']} | {diffs} | {fmt((c['mean'], c['ci']), '+.3f')} "
-                     f"| {c['wins']}/{len(c['diffs'])} | {c['verdict']} |")
-    return "\n".join(lines)
+    header = ["AT²PO vs", "paper's claim", "metric", "AT²PO − baseline per seed", "mean ± 95 % CI", "seeds won",
+              "verdict"]
+    return md_table(header, [[c["baseline"], c["claim"], c["field"], ", ".join(f"{d:+.3f}" for d in c["diffs"]),
+                              fmt((c["mean"], c["ci"]), "+.3f"), f"{c['wins']}/{len(c['diffs'])}", c["verdict"]]
+                             for c in comparisons])
 
 
 def run_table(runs: list[dict[str, Any]]) -> str:
-    lines = ["| arm | seed | steps | generated tokens (saving) | reward, first → last k | training EM, first → last k "
-             "| format failures | tool calls / leaf | greedy eval EM (distinct) | s/step | wall s |", "|" + "---|" * 11]
-    for r in runs:
-        lines.append(f"| {r['arm']} | {r['seed']} | {r['steps']} | {r['generated_tokens']:.0f} "
-                     f"({100 * r['token_saving']:.0f} %) | {r['reward_first']:+.3f} → {r['reward_last']:+.3f} | "
-                     f"{r['em_first']:.3f} → {r['em_last']:.3f} | {r['format_first']:.2f} → {r['format_last']:.2f} | "
-                     f"{r['tools_first']:.2f} → {r['tools_last']:.2f} | {r['eval_em']:.3f} ({r['distinct_answers']}) | "
-                     f"{r['step_s']:.0f} | {r['wall_s']:.0f} |")
-    return "\n".join(lines)
+    header = ["arm", "seed", "steps", "generated tokens (saving)", "reward, first → last k",
+              "training EM, first → last k", "format failures", "tool calls / leaf", "greedy eval EM (distinct)",
+              "s/step", "wall s"]
+    return md_table(header, [[r["arm"], str(r["seed"]), str(r["steps"]),
+                              f"{r['generated_tokens']:.0f} ({100 * r['token_saving']:.0f} %)",
+                              f"{r['reward_first']:+.3f} → {r['reward_last']:+.3f}",
+                              f"{r['em_first']:.3f} → {r['em_last']:.3f}",
+                              f"{r['format_first']:.2f} → {r['format_last']:.2f}",
+                              f"{r['tools_first']:.2f} → {r['tools_last']:.2f}",
+                              f"{r['eval_em']:.3f} ({r['distinct_answers']})", f"{r['step_s']:.0f}",
+                              f"{r['wall_s']:.0f}"] for r in runs])
 
 
 def plot(runs: list[dict[str, Any]], path: str, title: str, budget: int) -> None:
