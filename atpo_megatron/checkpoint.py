@@ -60,7 +60,8 @@ from typing import Any, Iterator, Literal, Sequence
 import numpy as np
 import torch
 
-from .config import UserError
+from atpo_megatron import distributed
+from atpo_megatron.config import UserError
 
 log = logging.getLogger(__name__)
 
@@ -262,59 +263,22 @@ def checkpoint_dir(cfg: Any) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# torch.distributed helpers (work single-process too)
+# One decision for every rank
 # --------------------------------------------------------------------------------------------
-
-
-def _dist() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if _dist() else 0
-
-
-def _world() -> int:
-    return torch.distributed.get_world_size() if _dist() else 1
-
-
-def _device() -> torch.device:
-    # NCCL collectives need CUDA tensors; gloo takes CPU tensors.
-    if _dist() and torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _all_true(flag: bool) -> bool:
-    """True on every rank iff ``flag`` is True on every rank."""
-    if not _dist():
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_device())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def _from_rank0(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (so every rank takes the same decision)."""
-    if not _dist():
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0, device=_device())
-    return box[0]
 
 
 def _collective_check(fn, *args) -> Any:
     """Run ``fn`` on rank 0 and give every rank its result, or raise on every rank if it failed
     (a rank-0-only exception would leave the other ranks waiting in the next collective)."""
     result, error, original = None, None, None
-    if _rank() == 0:
+    if distributed.rank() == 0:
         try:
             result = fn(*args)
         except CheckpointError as exc:
             error = str(exc)
         except Exception as exc:  # any other failure too: the other ranks wait in the broadcast below
             error, original = f"{fn.__name__} failed on rank 0: {type(exc).__name__}: {exc}", exc
-    result, error = _from_rank0((result, error))
+    result, error = distributed.broadcast_object((result, error))
     if error is not None:
         raise CheckpointError(error) from original
     return result
@@ -329,7 +293,7 @@ def prepare(ckpt_dir: str | Path, resume: str = "auto") -> Path | None:
         check_writable(ckpt_dir)  # every rank: each writes its own shards there
     except CheckpointError as exc:
         error = str(exc)
-    if not _all_true(error is None):
+    if not distributed.all_true(error is None):
         raise CheckpointError(error or f"checkpoint folder {ckpt_dir} is not writable from every "
                                        f"rank (see the error on the failing rank)")
     return _collective_check(resolve_resume, ckpt_dir, resume)
@@ -370,7 +334,7 @@ def model_metadata(models: Sequence[torch.nn.Module]) -> dict[str, Any]:
 def parallel_layout(models: Sequence[torch.nn.Module]) -> dict[str, int]:
     from megatron.core import parallel_state as ps
 
-    layout = {"world": _world(), "tp": 1, "pp": 1, "dp": _world(), "cp": 1, "ep": 1,
+    layout = {"world": distributed.world_size(), "tp": 1, "pp": 1, "dp": distributed.world_size(), "cp": 1, "ep": 1,
               "vpp": max(len(models), 1)}
     if ps.model_parallel_is_initialized():
         layout.update(tp=ps.get_tensor_model_parallel_world_size(),
@@ -445,6 +409,8 @@ def _model_keys(n: int) -> list[str]:
 
 
 def _sharded_metadata(optim_sharding: str) -> dict[str, Any]:
+    """What ``optimizer.sharded_state_dict`` needs as ``metadata``: megatron-core 0.19.2's default
+    ``fully_sharded_model_space`` raises (shared/notes/megatron-cpu.md, "Optimizer sharding type")."""
     return {
         "distrib_optim_sharding_type": optim_sharding,
         # Gather the optimizer shards over the gloo DP group onto DP rank 0 (the other path
@@ -472,7 +438,7 @@ def _build_sharded_state(models, optimizer, scheduler, *, is_loading: bool, opti
     if with_rng:
         # One object per global rank: a resume in the same layout gives each rank its own states.
         state["rng_state"] = ShardedObject("atpo.rng_state", rng_state() if not is_loading else None,
-                                           (_world(),), (_rank(),), replica_id=0)
+                                           (distributed.world_size(),), (distributed.rank(),), replica_id=0)
     if with_tp_pp_rng:
         # One per TP x PP position, written by DP rank 0 (Megatron-LM's layout): the DP replicas of a
         # position draw the same streams (seeds depend on the PP and TP rank only), so a resume with
@@ -488,7 +454,7 @@ def _grid() -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
-        return (1, 0), (1, 0), (_world(), _rank())
+        return (1, 0), (1, 0), (distributed.world_size(), distributed.rank())
     return ((ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()),
             (ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()),
             (ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()))
@@ -506,8 +472,8 @@ def _gather_bucket_layouts(optimizer: Any) -> dict[str, list[list[int]]]:
     """Every TP x PP position's bucket layout, keyed "pp,tp" (the same on its DP replicas)."""
     (_, tp_rank), (_, pp_rank), _ = _grid()
     mine = (f"{pp_rank},{tp_rank}", _bucket_layout(optimizer))
-    everyone = [None] * _world()
-    if _dist():
+    everyone = [None] * distributed.world_size()
+    if distributed.initialized():
         torch.distributed.all_gather_object(everyone, mine)
     else:
         everyone = [mine]
@@ -615,7 +581,7 @@ def save(
         return target
 
     if async_save and not async_supported():
-        if not _warned_async and _rank() == 0:
+        if not _warned_async and distributed.rank() == 0:
             log.warning("checkpoint.async_save: megatron's async writer needs CUDA; saving "
                         "synchronously on this CPU-only machine")
         _warned_async = True
@@ -706,18 +672,18 @@ def _commit(ckpt_dir: Path, step: int, record: dict, config_yaml: str | None, ke
     mark the checkpoint complete and move ``latest`` (rank 0), then apply retention."""
     target = step_dir(ckpt_dir, step)
     # megatron's own files exist once its finalize ran; check before trusting the save.
-    ok = _rank() != 0 or (target / "metadata.json").is_file()
-    if not _all_true(ok):
+    ok = distributed.rank() != 0 or (target / "metadata.json").is_file()
+    if not distributed.all_true(ok):
         raise CheckpointError(f"checkpoint {target} was not written completely by every rank; "
                               f"{ckpt_dir / LATEST_FILE} still names the previous checkpoint")
-    if _rank() == 0:
+    if distributed.rank() == 0:
         if config_yaml is not None:
             atomic_write_text(target / CONFIG_FILE, config_yaml)
         atomic_write_text(target / COMPLETE_FILE, json.dumps(record, indent=1, sort_keys=True))
         write_latest(ckpt_dir, step)
         apply_retention(ckpt_dir, keep_last)
         log.info("saved checkpoint %s in %.1f s", target, time.perf_counter() - t0)
-    if _dist():
+    if distributed.initialized():
         torch.distributed.barrier()
 
 
@@ -856,15 +822,15 @@ def load(
         set_rng_state(loaded["rng_state"])
     elif tp_pp_rng:
         set_rng_state(loaded["rng_state_tp_pp"])
-        if _rank() == 0:
+        if distributed.rank() == 0:
             log.info("checkpoint %s was saved with DP %s, this run has DP %s: RNG states restored per "
                      "TP x PP position", target, saved.get("dp"), now["dp"])
-    elif _rank() == 0:
+    elif distributed.rank() == 0:
         log.warning("checkpoint %s was saved with layout %s, this run has %s: weights and optimizer "
                     "are resharded; per-rank RNG states are not restored (fresh seeds)", target,
                     saved, now)
     atpo = loaded["atpo"]
-    if _rank() == 0:
+    if distributed.rank() == 0:
         log.info("resumed from %s (step %d)", target, atpo["step"])
     return Resumed(step=atpo["step"], extra=atpo["extra"], path=target,
                    config_yaml=atpo.get("config_yaml"), rng_restored=same_layout or tp_pp_rng)
@@ -889,7 +855,7 @@ def _check_dp_reshardable(target: Path, record: dict[str, Any], optimizer: Any, 
     buckets = record.get("optim_buckets")
     (_, tp_rank), (_, pp_rank), _ = _grid()
     mine = buckets.get(f"{pp_rank},{tp_rank}") if buckets is not None else None
-    ok = _all_true(mine is None or mine == _bucket_layout(optimizer))
+    ok = distributed.all_true(mine is None or mine == _bucket_layout(optimizer))
     if not ok:
         raise CheckpointError(
             f"checkpoint {target} stores the optimizer as dp_reshardable, cut into the gradient "
