@@ -1,5 +1,5 @@
 """When a training run saves, what it resumes from, and the async saves it must commit (after
-torchtitan's ``CheckpointManager``); ``checkpoint.py`` does the reading and writing.
+torchtitan's ``CheckpointManager``); the ``checkpoint`` package does the reading and writing.
 
     checkpoints = CheckpointManager(cfg)             # start of run: folder writable, resume policy applied
     progress = checkpoints.resume(actor)             # the saved progress dict, or {} on a fresh start

@@ -1,4 +1,4 @@
-"""``atpo train``: the AT²PO loop, one SPMD job (``torchrun`` on a machine, ``srun`` + ``torchrun`` on SLURM).
+"""The AT²PO training loop, one SPMD job (``torchrun`` on a machine, ``srun`` + ``torchrun`` on SLURM).
 
     rollout -> reward -> credit -> old log-probs -> update -> weight sync -> [eval] -> log -> [checkpoint]
 
