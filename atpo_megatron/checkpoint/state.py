@@ -200,7 +200,7 @@ def gather_bucket_layouts(optimizer: Any) -> dict[str, list[list[int]]]:
 def config_text(config: Any) -> str | None:
     if config is None or isinstance(config, str):
         return config
-    from .config import dump_config
+    from atpo_megatron.config import dump_config
 
     return dump_config(config)
 
@@ -209,12 +209,12 @@ def install_compat() -> None:
     # CPU: the actor-model engineer's device adaptations (dist_checkpointing's writer calls
     # torch.cuda.synchronize()); with or without CUDA: the distributed-optimizer load fixes.
     try:
-        from .actor import cpu_compat
+        from atpo_megatron.actor import cpu_compat
     except ImportError:
         cpu_compat = None
     if cpu_compat is not None:
         cpu_compat.install()
-    from .actor import distopt_compat
+    from atpo_megatron.actor import distopt_compat
 
     distopt_compat.install()
 

@@ -143,7 +143,7 @@ def _enable_async_on_cpu():
             return getattr(torch, name)
 
     async_utils.torch = TorchOnCpu("torch")
-    checkpoint.async_supported = lambda: True
+    checkpoint.store.async_supported = lambda: True
 
 
 def _train_step(models, opt, sched, step: int) -> float | None:
