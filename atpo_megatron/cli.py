@@ -24,11 +24,11 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "config": Command("atpo_megatron.cli", "add_config_arguments", "config_main",
                       "print the resolved configuration tree (YAML + overrides, validated)"),
-    "train": Command("atpo_megatron.trainer", "add_train_arguments", "train_main",
+    "train": Command("atpo_megatron.launch.train_command", "add_train_arguments", "train_main",
                      "train with AT²PO (or the GRPO/GSPO baselines) on a Megatron actor"),
     "sft": Command("atpo_megatron.sft", "add_sft_arguments", "sft_main",
                    "supervised warm start of a small model on demonstrations of the agent format (before train)"),
-    "rollout": Command("atpo_megatron.rollout.tree_rollout", "add_rollout_arguments", "rollout_main",
+    "rollout": Command("atpo_megatron.experience", "add_rollout_arguments", "rollout_main",
                        "sample one batch of turn trees and write them as JSON and an HTML picture"),
     "eval": Command("atpo_megatron.evaluate", "add_eval_arguments", "eval_main",
                     "greedy evaluation: EM per data source and the micro-average (the paper's Avg.)"),

@@ -29,7 +29,7 @@ class ConfigError(UserError, ValueError):
 @dataclass
 class ModelConfig:
     name_or_path: str = "smollm2-135m-instruct"
-    """A bundled model name (see ``hub.BUNDLED_MODELS``) or a Hugging Face folder."""
+    """A bundled model name (see ``model_files.BUNDLED_MODELS``) or a Hugging Face folder."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter/compute dtype of the actor (bf16 keeps fp32 main params in the optimizer)."""
     spec: Literal["auto", "te", "local"] = "auto"

@@ -62,7 +62,7 @@ def _setup(cfg: Config):
 
     from atpo_megatron.actor.model import build_model
     from atpo_megatron.actor.parallel import init_distributed
-    from atpo_megatron.hub import resolve_model
+    from atpo_megatron.model_files import resolve_model
 
     init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, seed=cfg.train.seed)
     model_dir = resolve_model(cfg.model.name_or_path)

@@ -19,9 +19,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from atpo_megatron.env.reward import extract_answer, f1_score, normalize_answer, score
+from atpo_megatron.config import load_config, split_config_args
+from atpo_megatron.env.data import load_examples
+from atpo_megatron.env.reward import extract_answer, f1_score, normalize_answer, response_text, score
+from atpo_megatron.experience import engine_and_search
 from atpo_megatron.rollout.agent_loop import split_overlong
 from atpo_megatron.rollout.tree_rollout import RolloutPlan, TreeRollout
+from atpo_megatron.rollout_groups import RolloutRank, all_gather_checked
 
 if TYPE_CHECKING:
     from atpo_megatron.config import Config
@@ -81,7 +85,7 @@ def evaluate(
         trees = runner.build_trees(chunk, seed=0)
         for ex, tree in zip(chunk, trees):
             [leaf] = tree.leaves()
-            text = runner.decode_response(tree, leaf)
+            text = response_text(tree, leaf, tok)
             answer = extract_answer(text)
             samples.append({
                 "id": ex.id,
@@ -104,6 +108,30 @@ def evaluate(
     report["loop"] = runner.loop.stats.as_dict()
     report["samples"] = samples
     return report
+
+
+def evaluate_in_job(engine: "Engine", search_client: Any, ranks: RolloutRank, examples: Sequence["QAExample"],
+                    cfg: "Config") -> dict[str, float]:
+    """The trainer's greedy evaluation: ``examples`` split over the job's rollout engines, the samples of
+    every engine gathered; ``eval/*`` metrics (EM per source and micro-average, F1, turns, tool calls,
+    distinct answers). Collective; a failure on one rank stops every rank."""
+    samples, error = [], None
+    try:
+        engine.wake()
+        mine = ranks.my_eval_examples(list(examples))
+        if mine:
+            samples = evaluate(engine, search_client, mine, cfg, progress=False)["samples"]
+        engine.sleep()
+    except Exception as exc:
+        error = exc
+    if not ranks.reports:
+        samples = []
+    report = summarize([s for part in all_gather_checked(samples, error) for s in part])
+    out = {"eval/em_avg": report["avg"]["em"], "eval/f1_avg": report["avg"]["f1"],
+           "eval/turns_avg": report["avg"]["turns"], "eval/tool_calls_avg": report["avg"]["tool_calls"],
+           "eval/distinct_answers": report["avg"]["distinct_answers"]}
+    out.update({f"eval/em_{src}": r["em"] for src, r in report["per_source"].items()})
+    return out
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -131,15 +159,12 @@ def add_eval_arguments(parser) -> None:
 
 
 def eval_main(args) -> int:
-    from atpo_megatron.config import load_config, split_config_args
-    from atpo_megatron.rollout.tree_rollout import load_examples, rollout_environment
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per search request otherwise
     cfg = load_config(*split_config_args(args.config, args.overrides))
     limit = cfg.data.eval_limit if args.limit is None else args.limit
     examples = load_examples(cfg, args.data or cfg.data.eval_files, "test", limit)
-    with rollout_environment(cfg) as (engine, client):
+    with engine_and_search(cfg) as (engine, client):
         report = evaluate(engine, client, examples, cfg, batch_size=args.batch_size, progress=not args.no_progress)
     report["model"] = cfg.model.name_or_path
     report["data"] = list(args.data or cfg.data.eval_files)

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from atpo_megatron.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 REWARD_TAG = "rollout/reward_mean"
@@ -69,6 +71,20 @@ def _to_number(tag: str, value: Any) -> float | int | None:
         return float(value)
     except (TypeError, ValueError):
         raise TypeError(f"metric {tag!r} has value {value!r} of type {type(value).__name__}; log a number") from None
+
+
+def open_run_dir(cfg: Any, config_yaml: str, rank: int) -> Path:
+    """``logging.run_dir``, created with the run's ``config.yaml`` by rank 0; one ConfigError when it
+    cannot be written."""
+    run_dir = Path(cfg.logging.run_dir)
+    if rank == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(config_yaml)
+        except OSError as exc:
+            raise ConfigError(f"logging.run_dir={cfg.logging.run_dir} cannot be written "
+                              f"({exc.strerror or exc}); choose a folder this job can write") from exc
+    return run_dir
 
 
 class MetricsWriter:
@@ -282,6 +298,17 @@ def effective_seq_len(lengths: list[int]) -> float:
     """
     total = sum(lengths)
     return sum(n * n for n in lengths) / total if total else 0.0
+
+
+def update_throughput(lengths: list[int], seconds: float, cfg: Any, hf_config: Any, n_devices: int) -> dict[str, float]:
+    """``perf/*`` of a step's update stage: tokens/s, model TFLOP/s per device and MFU (0 on CPU), for
+    sequences of ``lengths`` tokens trained ``train.ppo_epochs`` times in ``seconds``."""
+    if seconds <= 0:
+        return {}
+    tokens = sum(lengths) * cfg.train.ppo_epochs
+    peak = cfg.logging.peak_tflops or detect_peak_tflops(cfg.model.dtype)
+    flops = model_flops_per_token(hf_config, seq_len=effective_seq_len(lengths))
+    return {f"{PERF_PREFIX}/{k}": v for k, v in throughput(tokens, seconds, flops, n_devices, peak).items()}
 
 
 def throughput(tokens: int | float, seconds: float, flops_per_token: float, n_devices: int,

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from atpo_megatron.config import Config, UserError
 from atpo_megatron.rollout.placement import RolloutPlacement
-from atpo_megatron.rollout.tree_rollout import merge_rollout_stats
+from atpo_megatron.rollout.statistics import merge_rollout_stats
 
 
 @dataclass

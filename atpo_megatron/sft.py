@@ -41,7 +41,10 @@ from typing import Any, Sequence
 import torch
 
 from atpo_megatron.config import Config, ConfigError, UserError, load_config, split_config_args
+from atpo_megatron.env.data import embedded_task
+from atpo_megatron.env.environment import search_client
 from atpo_megatron.env.prompts import format_tool_result
+from atpo_megatron.model_files import resolve_model
 
 log = logging.getLogger("atpo.sft")
 
@@ -162,8 +165,6 @@ def warm_start(cfg: Config, out_dir: Path, force: bool = False) -> dict[str, Any
     """Train ``sft.base_model`` on demonstrations and write it to ``out_dir``; returns the manifest."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from atpo_megatron.hub import resolve_model
-    from atpo_megatron.rollout.tree_rollout import embedded_task, search_environment
 
     s, spec = cfg.sft, spec_of(cfg)
     manifest = out_dir / MANIFEST
@@ -177,7 +178,7 @@ def warm_start(cfg: Config, out_dir: Path, force: bool = False) -> dict[str, Any
     used = sorted({i for batch in picks for i in batch})
     base = resolve_model(s.base_model)
     tok = AutoTokenizer.from_pretrained(base)
-    with search_environment(cfg) as search:
+    with search_client(cfg) as search:
         demos = dict(zip(used, build_demonstrations(cfg, tok, [rows[i] for i in used], search)))
     torch.manual_seed(s.seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).train()

@@ -5,7 +5,7 @@
 
 Each loss runs forward + backward on ``[B, T]`` log-probs (B = ``--sequences``, T = ``--tokens``)
 with ``--turns`` generated turns per row separated by masked tool results (a quarter of the row),
-through ``algo.losses.policy_loss`` with the global normalizer passed in (as the trainer does):
+through ``algo.losses.policy_loss`` (numerator over count, as the trainer's schedule divides):
 
 * ``plain``: the bare clipped token loss, ``mean(max(-A r, -A clip(r)))`` over masked tokens, in
   five lines, no input checks, no metrics: the floor any token loss pays;
@@ -71,9 +71,8 @@ def step_fn(name: str, batch: dict[str, torch.Tensor]):
         if name == "plain":
             loss = plain_token_loss(logp, batch["old"], batch["adv"], mask, mask.sum())
         else:
-            agg = losses.LOSS_AGGREGATION[name]
-            loss, _ = losses.policy_loss(name, logp, batch["old"], batch["adv"], mask,
-                                         normalizer=losses.loss_normalizer(mask, agg))
+            numerator, count, _ = losses.policy_loss(name, logp, batch["old"], batch["adv"], mask)
+            loss = numerator / count
         loss.backward()
         return loss
 

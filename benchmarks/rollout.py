@@ -83,7 +83,7 @@ def model_source(args):
 
     if args.model in common.SHAPES and args.model != "smollm2":
         return None, common.hf_config(args.model), None
-    from atpo_megatron.hub import resolve_model
+    from atpo_megatron.model_files import resolve_model
 
     path = resolve_model(args.model)
     return path, AutoConfig.from_pretrained(path), "folder"
@@ -215,6 +215,7 @@ class LocalSearch:
 def tree_vs_chain(args) -> dict:
     from atpo_megatron.config import CreditConfig, RolloutConfig
     from atpo_megatron.env.data import QAExample, generate_task, load_dataset
+    from atpo_megatron.experience import make_experience
     from atpo_megatron.rollout.tree_rollout import RolloutPlan, TreeRollout
 
     M, L, K = (int(x) for x in args.tree.split(","))
@@ -238,10 +239,10 @@ def tree_vs_chain(args) -> dict:
     plans = {"tree": RolloutPlan(M, L, K, advantage="tree"), "chain": RolloutPlan(M + L * K, advantage="grpo")}
     rows = {}
     for mode, plan in plans.items():
-        rollout = TreeRollout(engine, search, rollout_cfg, plan, CreditConfig())
+        rollout = TreeRollout(engine, search, rollout_cfg, plan)
         common.sync(args.device)
         t0 = time.perf_counter()
-        batch = rollout.rollout(examples, seed=args.seed)
+        batch = make_experience(rollout, examples, CreditConfig(), seed=args.seed)
         common.sync(args.device)
         wall = time.perf_counter() - t0
         s = batch.stats

@@ -69,7 +69,7 @@ def build(args):
     if args.model == "smollm2":
         from transformers import AutoConfig
 
-        from atpo_megatron.hub import resolve_model
+        from atpo_megatron.model_files import resolve_model
 
         path = resolve_model("smollm2")
         config = AutoConfig.from_pretrained(path)
@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
 
 def hf_folder(models, args) -> Path:
     """The model as an HF folder vLLM can open (SmolLM2's own; a random shape saved from the actor)."""
-    from atpo_megatron.hub import resolve_model
+    from atpo_megatron.model_files import resolve_model
 
     if args.model == "smollm2":
         return Path(resolve_model("smollm2"))

@@ -22,7 +22,7 @@ def build_tiny_llama(out_dir: Path, *, hidden: int = 64, layers: int = 2, heads:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from atpo_megatron.hub import resolve_model
+    from atpo_megatron.model_files import resolve_model
 
     smol = resolve_model("smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(smol)
@@ -62,7 +62,7 @@ def build_searching_llama(out_dir: Path, hidden: int = 64) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from atpo_megatron.hub import resolve_model
+    from atpo_megatron.model_files import resolve_model
 
     smol = resolve_model("smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(smol)

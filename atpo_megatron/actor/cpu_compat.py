@@ -20,7 +20,7 @@ Three adaptations, each found by a probe (``shared/notes/megatron-cpu.md``):
    ``Tensor.cuda()`` returns the tensor itself.
 
 Not covered here: the distributed-optimizer checkpoint-load bugs of the torch.optim fallback
-(they are not CPU-specific; see ``checkpoint.py``), and sequence parallelism, which needs TE/Apex.
+(they are not CPU-specific; see ``checkpoint/state.py``), and sequence parallelism, which needs TE/Apex.
 """
 
 from __future__ import annotations

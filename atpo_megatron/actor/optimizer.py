@@ -30,15 +30,6 @@ from megatron.core.utils import get_model_config
 
 from atpo_megatron.config import OptimizerConfig
 
-# What checkpoint.py must pass as ``metadata`` to ``optimizer.sharded_state_dict``: the default
-# ``fully_sharded_model_space`` raises in megatron-core 0.19.2, ``fully_reshardable`` reshards
-# across TP/PP/DP, and the mem-efficient variant gathers over the (gloo-capable) DP group instead
-# of calling ``.cuda()`` (shared/notes/megatron-cpu.md, "Optimizer sharding type").
-OPTIMIZER_CHECKPOINT_METADATA = {
-    "distrib_optim_sharding_type": "fully_reshardable",
-    "distrib_optim_fully_reshardable_mem_efficient": True,
-}
-
 
 def wrap_ddp(
     models: Sequence[torch.nn.Module],

@@ -64,15 +64,12 @@ from atpo_megatron.actor.batching import (
     partition_balanced,
 )
 from atpo_megatron.actor.logprobs import vocab_parallel_logprobs_entropy
-from atpo_megatron.algo.losses import LOSS_AGGREGATION, TOKEN_LOSSES, aggregate, loss_normalizer
+from atpo_megatron import distributed
+from atpo_megatron.algo.losses import TOKEN_LOSSES, policy_loss
 
 
 class NonFiniteError(FloatingPointError):
     """The step produced a NaN/inf loss or gradient; no parameter or optimizer state was changed."""
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +100,7 @@ def _local_micro_batches(
     groups = pack_micro_batches([input_length(sequences[i]) for i in local], max_tokens, order=order, multiple_of=multiple)
     # an idle DP rank (fewer sequences than ranks) still runs empty micro-batches through its pipeline
     groups = [[local[j] for j in g] for g in groups] or [[] for _ in range(multiple)]
-    device = _device()
+    device = distributed.device()
     mbs = [build_micro_batch(sequences, g, pad_id=pad_id).to(device) for g in groups]
     return local, mbs
 
@@ -209,7 +206,7 @@ def compute_logprobs(
 
     k = 1 + with_entropy + with_raw
     R = [len(s.response_ids) for s in sequences]
-    device = _device()
+    device = distributed.device()
 
     def flat(indices: list[int]) -> torch.Tensor:
         n = k * sum(R[i] for i in indices)
@@ -269,7 +266,7 @@ _STAT_KEYS = (
 )
 
 
-def _micro_batch_stats(mb, logp, ent, token_loss, numerator, count, metrics) -> torch.Tensor:
+def _micro_batch_stats(mb, logp, ent, numerator, count, metrics) -> torch.Tensor:
     m = mb.loss_mask
     n_tok = m.sum()
     n_seq = (m.sum(dim=1) > 0).sum().float()
@@ -294,7 +291,7 @@ def _micro_batch_stats(mb, logp, ent, token_loss, numerator, count, metrics) -> 
 
 def _validate_training_data(mbs: list[MicroBatch]) -> None:
     """Refuse NaN/inf advantages or old log-probs under the loss mask, or a mask not in {0, 1}, on all ranks."""
-    bad = torch.zeros(3, dtype=torch.float32, device=_device())
+    bad = torch.zeros(3, dtype=torch.float32, device=distributed.device())
     for mb in mbs:
         on = mb.loss_mask > 0
         bad[0] += (~torch.isfinite(mb.advantages) & on).sum()
@@ -353,8 +350,7 @@ def train_step(
             "train_step needs models wrapped by atpo_megatron.actor.optimizer.wrap_ddp (it sets "
             "calculate_per_token_loss and finalize_model_grads_func, on which the exact aggregation relies)"
         )
-    token_loss_fn = partial(TOKEN_LOSSES[loss_name], **(clip_kwargs or {}))
-    agg = LOSS_AGGREGATION[loss_name]
+    loss_of = partial(policy_loss, loss_name, **(clip_kwargs or {}))
     _, mbs = _local_micro_batches(models, sequences, max_tokens, shard, order, pad_id)
     _validate_training_data(mbs)
     stats: list[torch.Tensor] = []
@@ -365,10 +361,8 @@ def train_step(
         # ranks would wait forever. Count it, feed 0 instead (no gradient), decide after the schedule.
         finite = torch.isfinite(logp)
         safe_logp = torch.where(finite, logp, torch.zeros_like(logp))
-        token_loss, metrics = token_loss_fn(safe_logp, mb.old_logprobs, mb.advantages, mb.loss_mask)
-        numerator = aggregate(token_loss, mb.loss_mask, agg, normalizer=1.0)
-        count = loss_normalizer(mb.loss_mask, agg)
-        stats.append(_micro_batch_stats(mb, logp.detach(), ent, token_loss, numerator, count, metrics))
+        numerator, count, metrics = loss_of(safe_logp, mb.old_logprobs, mb.advantages, mb.loss_mask)
+        stats.append(_micro_batch_stats(mb, logp.detach(), ent, numerator, count, metrics))
         # (loss, count, reported): with calculate_per_token_loss the schedule neither divides the loss
         # by count nor by the number of micro-batches; finalize_model_grads divides by the global count.
         return numerator, count.round().to(torch.int), {}
@@ -376,7 +370,7 @@ def train_step(
     _zero_grads(models, optimizer)
     _run_schedule(models, mbs, loss_fn, forward_only=False)
 
-    totals = torch.stack(stats).sum(dim=0) if stats else torch.zeros(len(_STAT_KEYS), device=_device())
+    totals = torch.stack(stats).sum(dim=0) if stats else torch.zeros(len(_STAT_KEYS), device=distributed.device())
     totals = _reduce_over_pipeline_and_dp(totals.float())
     t = dict(zip(_STAT_KEYS, totals.tolist()))
 

@@ -2,6 +2,8 @@
 
     examples = load_dataset("hotpotqa/dev.jsonl")            # FlashRAG JSONL or parquet
     corpus, train, test = generate_task("runs/embedded_task", seed=0)
+    examples = load_examples(cfg, cfg.data.train_files, "train")   # a config's files ("embedded" included)
+    stream = PromptStream(examples, batch_size=4, seed=0)          # the trainer's resumable batches
     python -m atpo_megatron.env.retriever serve --corpus runs/embedded_task/corpus.jsonl
 
 The generated task is a fictional world (people, companies, cities, bridges and buildings) written
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from atpo_megatron.config import UserError
+from atpo_megatron.config import ConfigError, UserError
 
 
 class DatasetError(UserError, ValueError):
@@ -367,3 +369,49 @@ def _write_text(path: Path, text: str) -> None:
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     _write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+# ---------------------------------------------------------------------------------------------------
+# A run's data: the files a config names, and the trainer's resumable prompt batches
+
+
+def embedded_task(cfg: Any) -> TaskFiles:
+    """The generated task of ``data.embedded_dir`` / ``data.embedded_seed`` (written once)."""
+    return generate_task(cfg.data.embedded_dir, seed=cfg.data.embedded_seed)
+
+
+def load_examples(cfg: Any, files: list[str], split: str, limit: int = 0) -> list[QAExample]:
+    """Examples of ``files`` ("embedded" = the generated task's ``split``: train or test), at most
+    ``limit`` per file (0 = all)."""
+    out: list[QAExample] = []
+    for f in files:
+        path = getattr(embedded_task(cfg), split) if f == "embedded" else f
+        rows = load_dataset(path)
+        out += rows[:limit] if limit > 0 else rows
+    if not out:
+        raise ConfigError(f"no examples in {list(files)}; check data.train_files / data.eval_files / --data")
+    return out
+
+
+@dataclass
+class PromptStream:
+    """Deterministic prompt batches: epoch ``e`` is a seeded permutation; resumable from a position."""
+
+    examples: list
+    batch_size: int
+    seed: int
+    shuffle: bool = True
+    position: int = 0
+    """Prompts consumed so far (the data iterator's state in a checkpoint)."""
+
+    def next_batch(self) -> list:
+        batch = [self._at(self.position + i) for i in range(self.batch_size)]
+        self.position += self.batch_size
+        return batch
+
+    def _at(self, index: int):
+        epoch, offset = divmod(index, len(self.examples))
+        order = list(range(len(self.examples)))
+        if self.shuffle:
+            random.Random(self.seed + epoch).shuffle(order)
+        return self.examples[order[offset]]

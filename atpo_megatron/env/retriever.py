@@ -102,7 +102,7 @@ def load_corpus(path: str | os.PathLike[str]) -> Corpus:
 
 def default_cache_dir() -> Path:
     """``$ATPO_CACHE/retriever`` (default ``~/.cache/atpo_megatron/retriever``)."""
-    from atpo_megatron.hub import cache_dir
+    from atpo_megatron.model_files import cache_dir
 
     return cache_dir() / "retriever"
 

@@ -7,6 +7,7 @@ The response is the decoded text after the prompt, tool results included:
 
 Training reward: -1 for a malformed response (or one without a parsable answer), otherwise exact
 match (1.0 / 0.0) of the last ``\\boxed{}`` of the answer block. Evaluation skips the format check.
+:func:`score_leaves` sets the training reward of every leaf of a batch of turn trees.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
+from collections.abc import Sequence
+from typing import Any
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
@@ -103,6 +106,25 @@ def score(response: str, golden_answers: list[str] | str, *, training: bool = Tr
     if answer is None:
         return -1.0 if training else 0.0
     return 1.0 if _exact_match(answer, golden_answers) else 0.0
+
+
+def response_text(tree: Any, leaf: int, tokenizer: Any) -> str:
+    """What the reward reads: the response of ``leaf`` (tool results included) decoded with
+    ``skip_special_tokens=True``."""
+    return tokenizer.decode(tree.response(leaf)[0], skip_special_tokens=True)
+
+
+def score_leaves(trees: Sequence[Any], tokenizer: Any) -> list[float]:
+    """Set the training reward of every leaf of ``trees`` (``TurnTree``s) from its response decoded with
+    ``skip_special_tokens=True``; return the evaluation EM (no format check) of each leaf, in order."""
+    em = []
+    for tree in trees:
+        golden = tree.meta["golden_answers"]
+        for i in tree.leaves():
+            text = response_text(tree, i, tokenizer)
+            tree.nodes[i].reward = score(text, golden, training=True)
+            em.append(score(text, golden, training=False))
+    return em
 
 
 def f1_score(prediction: str, golden_answers: list[str] | str) -> float:

@@ -1,4 +1,4 @@
-"""Job launch: SLURM batch scripts (``slurm``) and preemption handling (``preemption``)."""
+"""Job launch: ``atpo train`` (``train_command``), SLURM batch scripts (``slurm``, ``nemo``), preemption (``preemption``)."""
 
 from .preemption import PreemptionHandler
 from .slurm import SlurmError, add_submit_arguments, render_sbatch, submit, submit_main

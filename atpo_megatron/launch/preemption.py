@@ -37,6 +37,8 @@ from types import FrameType
 
 import torch
 
+from atpo_megatron import distributed
+
 log = logging.getLogger(__name__)
 
 STOP_FILE_ENV = "ATPO_STOP_FILE"
@@ -97,9 +99,7 @@ class PreemptionHandler:
         """
         local = max(self._local_request(), self._decision)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            device = (torch.device("cuda", torch.cuda.current_device())
-                      if torch.distributed.get_backend() == "nccl" else torch.device("cpu"))
-            t = torch.tensor([local], dtype=torch.int32, device=device)
+            t = torch.tensor([local], dtype=torch.int32, device=distributed.device())
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             local = int(t.item())
         if local > self._decision:

@@ -333,15 +333,15 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def plan_for(config: str, overrides, *, nodes: int, gpus_per_node: int, **kwargs) -> Plan:
-    """Load ``config`` with ``overrides`` and plan it (the model's shape from hub.model_config)."""
-    from atpo_megatron.hub import model_config
+    """Load ``config`` with ``overrides`` and plan it (the model's shape from model_files.model_config)."""
+    from atpo_megatron.model_files import model_config
 
     cfg = load_config(config, list(overrides))
     try:
         hf_config = model_config(cfg.model.name_or_path)
     except FileNotFoundError as exc:
         raise ConfigError(f"model.name_or_path: {exc}; for a published model not listed in "
-                          f"atpo_megatron.hub.PUBLISHED_CONFIGS, put its config.json in a folder of that name") from exc
+                          f"atpo_megatron.model_files.PUBLISHED_CONFIGS, put its config.json in a folder of that name") from exc
 
     def replan(extra: list[str]) -> Plan:
         return make_plan(load_config(config, [*overrides, *extra]), hf_config, nodes=nodes,

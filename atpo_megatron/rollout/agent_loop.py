@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Sequence
 
+from atpo_megatron.config import RolloutConfig
 from atpo_megatron.env.prompts import (
     STOP_STRINGS,
     TOOL_LIMIT_NOTICE,
@@ -49,7 +50,6 @@ from atpo_megatron.rollout.engine import Completion, Engine, SamplingParams, seg
 
 if TYPE_CHECKING:
     from atpo_megatron.algo.tree import TurnTree
-    from atpo_megatron.config import RolloutConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +65,19 @@ class PromptTooLongError(ValueError):
 class LoopLimits:
     """The budgets of one trajectory (spec §2.2); :meth:`from_config` reads them from ``rollout``."""
 
-    max_prompt_tokens: int = 2000
-    max_response_tokens: int = 6192
+    max_prompt_tokens: int = RolloutConfig.max_prompt_tokens
+    max_response_tokens: int = RolloutConfig.max_response_tokens
     """All response tokens of a trajectory: every turn, tool result and inserted notice."""
-    max_turn_tokens: int = 0
+    max_turn_tokens: int = RolloutConfig.max_turn_tokens
     """Cap of one generate call; 0 = the remaining response budget (the paper)."""
-    max_turns: int = 8
+    max_turns: int = RolloutConfig.max_turns
     """Turn nodes per trajectory (tool calls + the final answer turn)."""
-    tool_call_limit: int = 6
+    tool_call_limit: int = RolloutConfig.tool_call_limit
     result_room: int = 100
     """Response tokens that must stay free after a (possibly cut) tool result (reference code)."""
 
     @classmethod
-    def from_config(cls, rollout: "RolloutConfig") -> "LoopLimits":
+    def from_config(cls, rollout: RolloutConfig) -> "LoopLimits":
         return cls(
             max_prompt_tokens=rollout.max_prompt_tokens,
             max_response_tokens=rollout.max_response_tokens,
@@ -421,7 +421,7 @@ class AgentLoop:
         return ids[: max(0, room - len(tail))] + tail
 
 
-def sampling_from_config(rollout: "RolloutConfig", greedy: bool = False) -> SamplingParams:
+def sampling_from_config(rollout: RolloutConfig, greedy: bool = False) -> SamplingParams:
     """The rollout's temperature/top_p/top_k (greedy: temperature 0, as the reference validates)."""
     s = rollout.sampling
     if greedy:

@@ -10,7 +10,7 @@ Two implementations sit behind :class:`Engine`, built by ``rollout.factory.make_
 Usage from a script::
 
     from atpo_megatron.config import RolloutConfig
-    from atpo_megatron.hub import resolve_model
+    from atpo_megatron.model_files import resolve_model
     from atpo_megatron.rollout import SamplingParams, make_engine
     engine = make_engine(RolloutConfig(), resolve_model("smollm2"))
     msgs = [{"role": "user", "content": "Hi"}]

@@ -236,3 +236,12 @@ def write_trees_html(trees: Sequence["TurnTree"], path: str | Path, tokenizer: A
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(trees_html(trees, tokenizer, stats, title), encoding="utf-8")
     return path
+
+
+def write_step_trees(out_dir: str | Path, step: int, trees: Sequence["TurnTree"], tokenizer: Any,
+                     stats: dict[str, float]) -> None:
+    """``<out_dir>/step_<step>.json`` and ``.html``: a training step's trees (``logging.save_tree_pictures``)."""
+    out = Path(out_dir)
+    write_trees_json(trees, out / f"step_{step:06d}.json", tokenizer, stats)
+    write_trees_html(trees, out / f"step_{step:06d}.html", tokenizer, stats,
+                     title=f"AT²PO turn trees, step {step} (rank 0's prompts)")

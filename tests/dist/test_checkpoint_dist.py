@@ -143,7 +143,7 @@ def _enable_async_on_cpu():
             return getattr(torch, name)
 
     async_utils.torch = TorchOnCpu("torch")
-    checkpoint.async_supported = lambda: True
+    checkpoint.store.async_supported = lambda: True
 
 
 def _train_step(models, opt, sched, step: int) -> float | None:
@@ -245,14 +245,14 @@ def worker(args: list[str]) -> None:
         if spec.get("resave"):
             checkpoint.save(spec["resave"], step, models, opt, sched, extra=extra)
     if spec.get("kill_rank_in_commit") is not None and rank == spec["kill_rank_in_commit"]:
-        real_commit = checkpoint._commit
+        real_commit = checkpoint.store._commit
 
         def dying_commit(*a, **k):
             if a[1] == spec["kill_at_step"]:  # our shards are on disk, the commit not yet done
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_commit(*a, **k)
 
-        checkpoint._commit = dying_commit
+        checkpoint.store._commit = dying_commit
     for _ in range(spec["steps"]):
         step += 1
         loss = _train_step(models, opt, sched, step)

@@ -22,13 +22,14 @@ def load_worker(ckpt: str):
     import torch.distributed as dist
 
     from atpo_megatron import checkpoint
+    from atpo_megatron.config import UserError
 
     dist.init_process_group("gloo")
     try:
         checkpoint.load(ckpt, [])
         out = {"type": None}
     except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
-        out = {"type": type(exc).__name__, "message": str(exc), "user_error": isinstance(exc, checkpoint.UserError)}
+        out = {"type": type(exc).__name__, "message": str(exc), "user_error": isinstance(exc, UserError)}
     dist.destroy_process_group()
     return out
 

@@ -31,7 +31,9 @@ def spmd_worker(model_dir: str, task_dir: str, rollout_tp: int, actor_tp: int):
     from atpo_megatron.env.retriever import RetrieverServer
     from atpo_megatron.env.search_tool import SearchClient
     from atpo_megatron.rollout.factory import make_engine
-    from atpo_megatron.rollout.tree_rollout import TreeRollout, embedded_task, load_examples
+    from atpo_megatron.env.data import embedded_task, load_examples
+    from atpo_megatron.experience import make_experience
+    from atpo_megatron.rollout.tree_rollout import TreeRollout
     from atpo_megatron.rollout_groups import GroupSearch, RolloutRank, gather_rollouts
     from atpo_megatron.weights.hf_bridge import export_hf_weights, load_hf_weights
     from atpo_megatron.weights.sync import sync_weights
@@ -70,11 +72,11 @@ def spmd_worker(model_dir: str, task_dir: str, rollout_tp: int, actor_tp: int):
     rollout = TreeRollout.from_config(engine, search, cfg)
     seed = 1000 + ranks.group
     mine = ranks.my_prompts(prompts)
-    local = rollout.rollout(mine, seed=seed)
+    local = make_experience(rollout, mine, cfg.credit, seed=seed)
     trees = [[n.tokens for n in t.nodes] for t in local.trees]
     rerun = None
     if rank == 0 and ranks.placement.num_groups == 2:  # rank 1's share, on rank 0's engine
-        other = rollout.rollout(prompts[ranks.placement.prompt_slice(1, len(prompts))], seed=1001)
+        other = make_experience(rollout, prompts[ranks.placement.prompt_slice(1, len(prompts))], cfg.credit, seed=1001)
         rerun = [[n.tokens for n in t.nodes] for t in other.trees]
     searched = [r.text for r in search.search_batch([prompts[0].question, "who founded it"])]
     sequences, gathered_stats = gather_rollouts(local, ranks, len(mine))

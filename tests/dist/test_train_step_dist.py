@@ -135,7 +135,8 @@ def _reference_grads(models, seqs, loss_name, clip_kwargs):
     mb = build_micro_batch(seqs, range(len(seqs)))
     logits = model(mb.tokens, mb.position_ids, None)
     logp, _ = vocab_parallel_logprobs_entropy(logits, mb.targets, vocab_size=100)
-    loss, _ = policy_loss(loss_name, logp, mb.old_logprobs, mb.advantages, mb.loss_mask, **clip_kwargs)
+    numerator, count, _ = policy_loss(loss_name, logp, mb.old_logprobs, mb.advantages, mb.loss_mask, **clip_kwargs)
+    loss = numerator / count
     loss.backward()
     grads = {name: p.main_grad.detach().clone() for name, p in _global_names(models)}
     model.zero_grad_buffer()

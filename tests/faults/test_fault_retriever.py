@@ -28,7 +28,7 @@ from process_tags import kill_tagged, tagged, tagged_pids
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
 
-ROLLOUT = "atpo_megatron.rollout.tree_rollout:TreeRollout.rollout"
+ROLLOUT = "atpo_megatron.rollout.tree_rollout:TreeRollout.sample"
 
 
 @pytest.fixture

@@ -35,9 +35,9 @@ from faultkit import (REFERENCE_STEPS, assert_same_checkpoint, assert_same_steps
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
 
-ROLLOUT = "atpo_megatron.rollout.tree_rollout:TreeRollout.rollout"
+ROLLOUT = "atpo_megatron.rollout.tree_rollout:TreeRollout.sample"
 UPDATE = "atpo_megatron.actor.train_step:train_step"  # once per mini-batch (2 per step here)
-COMMIT = "atpo_megatron.checkpoint:_commit"  # a save's shards are on disk, its commit not yet done
+COMMIT = "atpo_megatron.checkpoint.store:_commit"  # a save's shards are on disk, its commit not yet done
 FILE_LIMIT = 4 << 20  # bytes: above every log file of the run, below one checkpoint shard (~40 MB)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from atpo_megatron.config import RolloutConfig
-from atpo_megatron.hub import resolve_model
+from atpo_megatron.model_files import resolve_model
 from atpo_megatron.rollout import SamplingParams, make_engine
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

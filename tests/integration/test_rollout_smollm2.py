@@ -19,7 +19,9 @@ import pytest
 from atpo_megatron.config import load_config
 from atpo_megatron.env.prompts import format_tool_result
 from atpo_megatron.env.reward import score
-from atpo_megatron.rollout.tree_rollout import TreeRollout, load_examples, rollout_environment
+from atpo_megatron.env.data import load_examples
+from atpo_megatron.experience import engine_and_search, make_experience
+from atpo_megatron.rollout.tree_rollout import TreeRollout
 from atpo_megatron.rollout.visualize import trees_html, write_trees_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -56,10 +58,10 @@ def test_tree_rollout_smollm2_real_retriever(tmp_path, one_thread):
         "retriever.topk=1", "retriever.max_passage_chars=200", "rollout.assistant_prefix=<search>",
     ])
     examples = load_examples(cfg, ["embedded"], "train")[:2]
-    with rollout_environment(cfg) as (engine, client):
+    with engine_and_search(cfg) as (engine, client):
         search = RecordingClient(client)
         rollout = TreeRollout.from_config(engine, search, cfg)
-        batch = rollout.rollout(examples, seed=0)
+        batch = make_experience(rollout, examples, cfg.credit, seed=0)
     tok = engine.tokenizer
     print({k: round(v, 4) for k, v in batch.stats.items()})
 

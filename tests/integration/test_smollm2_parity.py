@@ -23,7 +23,7 @@ def smollm2(tmp_path_factory):
     """The model folder and a reference file: a chat prompt's tokens, fp32 logits, RoPE frequencies."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from atpo_megatron.hub import resolve_model
+    from atpo_megatron.model_files import resolve_model
 
     hf_dir = resolve_model("smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)

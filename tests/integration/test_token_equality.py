@@ -27,7 +27,10 @@ from atpo_megatron.actor.batching import build_micro_batch
 from atpo_megatron.config import load_config
 from atpo_megatron.env.prompts import TOOL_LIMIT_NOTICE, build_messages, format_tool_result
 from atpo_megatron.rollout.factory import make_engine
-from atpo_megatron.rollout.tree_rollout import TreeRollout, load_examples, rollout_environment
+from atpo_megatron.env.data import load_examples
+from atpo_megatron.env.environment import search_client
+from atpo_megatron.experience import make_experience
+from atpo_megatron.rollout.tree_rollout import TreeRollout
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow]
 
@@ -86,9 +89,9 @@ def test_trained_tokens_are_the_tokens_the_engine_saw(tmp_path, request, engine_
     examples = load_examples(cfg, ["embedded"], "train")[:2]
     engine = RecordingEngine(make_engine(cfg.rollout, model_dir, dtype=torch.float32))
     try:
-        with rollout_environment(cfg, engine=engine) as (_, client):
+        with search_client(cfg) as client:
             search = RecordingClient(client)
-            batch = TreeRollout.from_config(engine, search, cfg).rollout(examples, seed=3)
+            batch = make_experience(TreeRollout.from_config(engine, search, cfg), examples, cfg.credit, seed=3)
     finally:
         engine.engine.close()
     tok = engine.tokenizer

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from atpo_megatron.config import ConfigError, RolloutConfig
-from atpo_megatron.hub import resolve_model
+from atpo_megatron.model_files import resolve_model
 from atpo_megatron.rollout import SamplingParams, make_engine
 from atpo_megatron.rollout import vllm_engine as vllm_engine_module
 from atpo_megatron.rollout.vllm_engine import VLLMEngine, import_vllm, sleep_available

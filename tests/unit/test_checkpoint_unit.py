@@ -12,6 +12,9 @@ import torch
 
 from atpo_megatron import checkpoint as ck
 from atpo_megatron.checkpoint import CheckpointError
+from atpo_megatron.checkpoint import folder as ck_folder
+from atpo_megatron.checkpoint import state as ck_state
+from atpo_megatron.checkpoint import store as ck_store
 
 
 def _fake(ckpt_dir, step, complete=True, model=None):
@@ -157,7 +160,7 @@ class _FakeModel(torch.nn.Module):
 
 
 def test_load_refuses_other_model_shape_naming_the_field(tmp_path):
-    saved = ck.model_metadata([_FakeModel(vocab_size=128)])
+    saved = ck_state.model_metadata([_FakeModel(vocab_size=128)])
     assert saved["hidden_size"] == 64 and saved["num_query_groups"] == 2
     _fake(tmp_path, 4, model=saved)
     ck.write_latest(tmp_path, 4)
@@ -175,8 +178,8 @@ def test_vocab_padding_from_a_tp_change_is_not_a_shape_change():
     # Llama-3's 128256 rows pad to 128512 at tp=4 (multiple of 128*4) and stay 128256 at tp=1.
     at_tp4 = {"vocab_size": 128512, "tp": 4}
     at_tp1 = {"vocab_size": 128256, "tp": 1}
-    assert ck._shape_mismatch(at_tp4, at_tp1) == []
-    assert ck._shape_mismatch({"vocab_size": 128256, "tp": 1}, {"vocab_size": 32000, "tp": 1}) == [
+    assert ck_state.shape_mismatch(at_tp4, at_tp1) == []
+    assert ck_state.shape_mismatch({"vocab_size": 128256, "tp": 1}, {"vocab_size": 32000, "tp": 1}) == [
         "vocab_size: checkpoint 128256 vs model 32000"]
 
 
@@ -191,9 +194,9 @@ def test_rng_state_round_trip():
 
     import numpy as np
 
-    state = ck.rng_state()
+    state = ck_state.rng_state()
     a = (random.random(), np.random.rand(), torch.rand(1).item())
-    ck.set_rng_state(state)
+    ck_state.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
 
 
@@ -201,16 +204,16 @@ def test_save_target_preparation(tmp_path, caplog):
     # The committed latest step: nothing to do (a second save of the same state).
     _fake(tmp_path, 5)
     ck.write_latest(tmp_path, 5)
-    assert ck.prepare_step_dir(tmp_path, 5) is False
+    assert ck_folder.prepare_step_dir(tmp_path, 5) is False
     # A partial folder (crash mid-save) is replaced by an empty one.
     _fake(tmp_path, 6, complete=False)
     with caplog.at_level(logging.WARNING):
-        assert ck.prepare_step_dir(tmp_path, 6) is True
+        assert ck_folder.prepare_step_dir(tmp_path, 6) is True
     assert "partial checkpoint folder" in caplog.text and not any((tmp_path / "step_000006").iterdir())
     # Complete but never the latest (crash between its two commit writes, then an older resume
     # took another path): not this timeline's state, so it is rewritten, not silently kept.
     _fake(tmp_path, 7)
-    assert ck.prepare_step_dir(tmp_path, 7) is True
+    assert ck_folder.prepare_step_dir(tmp_path, 7) is True
     assert "complete but never committed as latest" in caplog.text
     assert not ck.is_complete(tmp_path / "step_000007")
 
@@ -235,7 +238,7 @@ def test_requeue_commits_pending_async_saves_first(monkeypatch):
     from atpo_megatron.launch.preemption import PreemptionHandler
 
     calls = []
-    monkeypatch.setattr(ck, "_pending", [12])
+    monkeypatch.setattr(ck_store, "_pending", [12])
     monkeypatch.setattr(ck, "finalize_async_saves", lambda blocking=False: calls.append(blocking) or [12])
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert PreemptionHandler().requeue() is False  # not under SLURM, but the save got committed
@@ -250,4 +253,4 @@ def test_save_before_the_first_optimizer_step_is_refused(tmp_path):
         ck.save(tmp_path, 0, [], megatron_like)
     param.grad = torch.zeros(3)
     inner.step()
-    assert ck._optimizer_has_state(types.SimpleNamespace(chained_optimizers=[megatron_like]))
+    assert ck_store._optimizer_has_state(types.SimpleNamespace(chained_optimizers=[megatron_like]))

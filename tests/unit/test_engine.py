@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from atpo_megatron.config import RolloutConfig
-from atpo_megatron.hub import resolve_model
+from atpo_megatron.model_files import resolve_model
 from atpo_megatron.rollout import Completion, Engine, SamplingParams, make_engine, segment_entropy
 from atpo_megatron.rollout.hf_engine import HFEngine, _sample
 

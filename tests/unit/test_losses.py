@@ -1,23 +1,31 @@
 """Unit tests for atpo_megatron.algo.losses: hand-computed values, gradients, invariants, bad input."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
 from atpo_megatron.algo.losses import (
     LOSS_AGGREGATION,
-    aggregate,
-    atpo_loss,
-    grpo_loss,
-    gspo_loss,
+    check_inputs,
     loss_normalizer,
+    loss_numerator,
     policy_loss,
     turn_ids,
     turn_kl_entropy,
 )
 
 NAN = float("nan")
+
+
+def mean_loss(name, logp, old, adv, mask, **clip):
+    """The loss of one batch alone, through the training path: ``numerator / count`` of ``policy_loss``."""
+    numerator, count, metrics = policy_loss(name, logp, old, adv, mask, **clip)
+    return numerator / count, metrics
+
+
+atpo_loss, gspo_loss, grpo_loss = (partial(mean_loss, name) for name in ("atpo", "gspo", "grpo"))
 
 
 def _leaf(x: list[list[float]]) -> torch.Tensor:
@@ -228,7 +236,7 @@ def test_split_batch_with_global_normalizer_is_exact(name):
     logp, old, adv, mask = _random_batch(5)
     mask[2] = 0  # an empty sequence counts in neither denominator
     clip = {"clip_low": 0.1, "clip_high": 0.1}
-    full, _ = policy_loss(name, logp, old, adv, mask, **clip)
+    full, _ = mean_loss(name, logp, old, adv, mask, **clip)
     full.backward()
     full_grad = logp.grad.clone()
     logp.grad = None
@@ -236,7 +244,7 @@ def test_split_batch_with_global_normalizer_is_exact(name):
     parts = [slice(0, 2), slice(2, 6)]
     n_global = sum(loss_normalizer(mask[p], agg) for p in parts)  # what the trainer all-reduces
     assert n_global.item() == (5 if agg == "seq-mean-token-mean" else mask.sum().item())
-    total = sum(policy_loss(name, logp[p], old[p], adv[p], mask[p], normalizer=n_global, **clip)[0] for p in parts)
+    total = sum(policy_loss(name, logp[p], old[p], adv[p], mask[p], **clip)[0] for p in parts) / n_global
     total.backward()
     assert total.item() == pytest.approx(full.item(), rel=1e-12)
     torch.testing.assert_close(logp.grad, full_grad, rtol=1e-12, atol=1e-15)
@@ -246,9 +254,9 @@ def test_aggregate_modes_by_hand():
     tok = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     # seq-mean-token-mean: (mean(1, 2, 3) + 4) / 2 = 3; token-mean: (1 + 2 + 3 + 4) / 4 = 2.5
-    assert aggregate(tok, mask, "seq-mean-token-mean").item() == pytest.approx(3.0)
-    assert aggregate(tok, mask, "token-mean").item() == pytest.approx(2.5)
-    assert aggregate(tok, mask, "token-mean", normalizer=10).item() == pytest.approx(1.0)
+    for agg, expected in (("seq-mean-token-mean", 3.0), ("token-mean", 2.5)):
+        assert (loss_numerator(tok, mask, agg) / loss_normalizer(mask, agg)).item() == pytest.approx(expected)
+    assert (loss_numerator(tok, mask, "token-mean") / 10).item() == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------- GRPO
@@ -321,22 +329,21 @@ def test_bad_inputs_raise_clear_errors():
         atpo_loss(logp[0], old[0], adv[0], mask[0])
     bad = old.clone()
     bad[0, 0] = NAN  # mask[0, 0] == 1
+    # values are checked once per batch, at its boundary (the losses never sync with the host)
     with pytest.raises(ValueError, match="old_logp has NaN"):
-        atpo_loss(logp, bad, adv, mask)
+        check_inputs(logp, bad, adv, mask)
     with pytest.raises(ValueError, match="only 0 and 1"):
-        atpo_loss(logp, old, adv, mask * 2)
+        check_inputs(logp, old, adv, mask * 2)
     with pytest.raises(ValueError, match="no 1s"):
-        atpo_loss(logp, old, adv, torch.zeros_like(mask))
+        check_inputs(logp, old, adv, torch.zeros_like(mask))
     with pytest.raises(ValueError, match="unknown policy loss"):
         policy_loss("ppo", logp, old, adv, mask)
     with pytest.raises(ValueError, match="clip_low"):
         atpo_loss(logp, old, adv, mask, clip_low=1.5)
     with pytest.raises(ValueError, match="dual_clip"):
         grpo_loss(logp, old, adv, mask, dual_clip=1.0)
-    with pytest.raises(ValueError, match="normalizer must be > 0"):
-        atpo_loss(logp, old, adv, mask, normalizer=0)
     with pytest.raises(ValueError, match="unknown aggregation"):
-        aggregate(logp, mask, "sum")
+        loss_numerator(logp, mask, "sum")
 
 
 def test_nan_outside_mask_is_ignored():

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
-from atpo_megatron.hub import PUBLISHED_CONFIGS
+from atpo_megatron.model_files import PUBLISHED_CONFIGS
 from atpo_megatron.plan.shapes import ModelShape, stage_params
 
 LLAMA3_70B = {  # meta-llama/Meta-Llama-3-70B-Instruct config.json
@@ -170,7 +170,7 @@ def test_every_rank_matches_the_formula_and_the_hf_index(case):
 
 
 def test_published_configs_in_hub_are_the_ones_tested_here():
-    """``atpo plan`` sizes 70B jobs from hub.PUBLISHED_CONFIGS: its shape fields equal these."""
+    """``atpo plan`` sizes 70B jobs from model_files.PUBLISHED_CONFIGS: its shape fields equal these."""
     tested = {"meta-llama/Meta-Llama-3-70B-Instruct": LLAMA3_70B, "Qwen/Qwen2.5-72B-Instruct": QWEN25_72B,
               "Qwen/Qwen3-32B": QWEN3_32B}
     assert set(PUBLISHED_CONFIGS) == set(tested)

@@ -7,7 +7,7 @@ import torch
 
 from atpo_megatron.config import load_config
 from atpo_megatron.env.prompts import format_tool_result
-from atpo_megatron.hub import resolve_model
+from atpo_megatron.model_files import resolve_model
 from atpo_megatron.rollout.agent_loop import encode_prompt
 from atpo_megatron.sft import THINK, DemonstrationError, demonstration, draw_questions, nll, reference_rows, spec_of
 

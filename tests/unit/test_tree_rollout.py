@@ -16,10 +16,13 @@ from atpo_megatron.algo.credit import turn_advantages
 from atpo_megatron.algo.tree import TurnTree
 from atpo_megatron.config import Config, CreditConfig, RolloutConfig, load_config
 from atpo_megatron.env.data import QAExample
-from atpo_megatron.env.reward import score
+from atpo_megatron import experience
+from atpo_megatron.algo.advantages import credit_statistics, grpo_node_advantages
+from atpo_megatron.env.reward import score, score_leaves
 from atpo_megatron.evaluate import evaluate, format_report, summarize
-from atpo_megatron.rollout import tree_rollout as tr
-from atpo_megatron.rollout.tree_rollout import RolloutPlan, TreeRollout, grpo_node_advantages
+from atpo_megatron.experience import make_experience
+from atpo_megatron.rollout import statistics as rs
+from atpo_megatron.rollout.tree_rollout import RolloutPlan, TreeRollout
 from atpo_megatron.rollout.visualize import entropy_colour, reward_colour, trees_html, write_trees_json
 
 
@@ -38,12 +41,16 @@ def examples(n):
             for i in range(n)]
 
 
-def make_rollout(plan, policy=random_policy, credit=None, assistant_prefix="", **kw):
+def make_rollout(plan, policy=random_policy, assistant_prefix="", **kw):
     engine = ScriptedEngine(policy)
     search = FakeSearch()
-    ro = TreeRollout(engine, search, RolloutConfig(assistant_prefix=assistant_prefix), plan,
-                     credit or CreditConfig(), **kw)
+    ro = TreeRollout(engine, search, RolloutConfig(assistant_prefix=assistant_prefix), plan, **kw)
     return ro, engine, search
+
+
+def run(ro, exs, seed, credit=None):
+    """Sample, score and credit one batch (the trainer's three data stages)."""
+    return make_experience(ro, exs, credit or CreditConfig(), seed=seed)
 
 
 def record_phases(ro):
@@ -62,7 +69,7 @@ def test_tree_shape_and_batching_across_trees():
     plan = RolloutPlan(initial_chains=3, expansion_iterations=2, top_k=2)
     ro, engine, _ = make_rollout(plan)
     phases = record_phases(ro)
-    batch = ro.rollout(examples(4), seed=11)
+    batch = run(ro, examples(4), seed=11)
     assert len(batch.trees) == 4
     for t in batch.trees:
         assert len(t.leaves()) == 3 + 2 * 2
@@ -82,7 +89,7 @@ def test_tree_shape_and_batching_across_trees():
 def test_forks_resample_from_the_same_observation():
     plan = RolloutPlan(initial_chains=2, expansion_iterations=3, top_k=3)
     ro, _, _ = make_rollout(plan)
-    batch = ro.rollout(examples(3), seed=5)
+    batch = run(ro, examples(3), seed=5)
     forked = 0
     for t in batch.trees:
         for p, node in enumerate(t.nodes):
@@ -102,8 +109,8 @@ def test_forks_resample_from_the_same_observation():
 def test_rewards_equal_direct_recomputation_and_advantages_follow_credit():
     plan = RolloutPlan(initial_chains=3, expansion_iterations=1, top_k=2)
     credit = CreditConfig(value_mode="child_linear", adv_mode="diff_parent")
-    ro, _, _ = make_rollout(plan, credit=credit)
-    batch = ro.rollout(examples(3), seed=3)
+    ro, _, _ = make_rollout(plan)
+    batch = run(ro, examples(3), seed=3, credit=credit)
     tok = CharTokenizer()
     for s in batch.sequences:
         text = tok.decode(s.response_ids, skip_special_tokens=True)
@@ -121,7 +128,7 @@ def test_rewards_equal_direct_recomputation_and_advantages_follow_credit():
 def test_statistics_arithmetic():
     plan = RolloutPlan(initial_chains=4, expansion_iterations=2, top_k=3)
     ro, _, search = make_rollout(plan)
-    batch = ro.rollout(examples(3), seed=21)
+    batch = run(ro, examples(3), seed=21)
     trees, st = batch.trees, batch.stats
     leaves = [(t, i) for t in trees for i in t.leaves()]
     assert st["rollout/leaves"] == len(leaves) == 3 * 10  # no pruning happened
@@ -153,7 +160,7 @@ def test_credit_statistics_hand_computed():
     zero.add_child(zero.add_child(0, [5], [1], [-0.1]), [6], [1], [-0.1])
     adv = [0.0] * 5
     adv[a], adv[b], adv[c], adv[d] = 0.5, 1.0, 0.0, -1.0
-    st = tr.credit_statistics([t, zero], [adv, [0.0, 0.0, 0.0]])
+    st = credit_statistics([t, zero], [adv, [0.0, 0.0, 0.0]])
     # (leaf, turn) values: b: 0.5, 1; c: 0.5, 0; d: -1; zero's leaf: 0, 0 -> 7 values, sum 1
     values = [0.5, 1.0, 0.5, 0.0, -1.0, 0.0, 0.0]
     mean = sum(values) / 7
@@ -170,7 +177,7 @@ def _one_leaders_statistics(ro, exs, seed):
 
     before = LoopStats(**ro.loop.stats.as_dict())
     trees = ro.build_trees(exs, seed)
-    em = [x for t in trees for x in ro.score_leaves(t)]
+    em = score_leaves(trees, ro.tok)
     return trees, ro.loop.stats.since(before), em
 
 
@@ -181,13 +188,13 @@ def test_leader_statistics_merge_as_if_one_leader_rolled_out_everything():
 
     ro, _, _ = make_rollout(RolloutPlan(initial_chains=3, expansion_iterations=1, top_k=2))
     parts = [_one_leaders_statistics(ro, examples(4)[:1], 1), _one_leaders_statistics(ro, examples(4)[1:], 2)]
-    per_leader = [tr.rollout_statistics(t, tr.produced_leaf_stats(t), loop, em) for t, loop, em in parts]
+    per_leader = [rs.rollout_statistics(t, rs.produced_leaf_stats(t), loop, em) for t, loop, em in parts]
     assert per_leader[0]["rollout/trees"] == 1 and per_leader[1]["rollout/trees"] == 3  # unequal shares
     trees = [t for p in parts for t in p[0]]
     loop = LoopStats(**{k: v + parts[1][1].as_dict()[k] for k, v in parts[0][1].as_dict().items()})
-    together = tr.rollout_statistics(trees, tr.produced_leaf_stats(trees), loop, parts[0][2] + parts[1][2])
+    together = rs.rollout_statistics(trees, rs.produced_leaf_stats(trees), loop, parts[0][2] + parts[1][2])
 
-    merged = tr.merge_rollout_stats(per_leader)
+    merged = rs.merge_rollout_stats(per_leader)
     times = {k for k in together if k.endswith("_s")}  # the leaders run in parallel: the slowest one
     assert {k: v for k, v in merged.items() if k not in times} == pytest.approx(
         {k: v for k, v in together.items() if k not in times})
@@ -210,7 +217,7 @@ def test_tool_error_leaves_are_not_trained_on_unless_asked(train_on_tool_errors)
     ro, _, search = make_rollout(RolloutPlan(initial_chains=4, expansion_iterations=1, top_k=2),
                                  policy=_sometimes_refused)
     ro.drop_tool_errors = not train_on_tool_errors  # what RolloutConfig.train_on_tool_errors sets
-    batch = ro.rollout(examples(3), seed=5)
+    batch = run(ro, examples(3), seed=5)
     produced = round(batch.stats["rollout/finish_tool_error"] * batch.stats["rollout/leaves"])
     assert produced == batch.stats["rollout/tool_errors"] > 0
     kept = [(t.nodes[i].finish_reason, k) for k, t in enumerate(batch.trees) for i in t.leaves()]
@@ -229,7 +236,7 @@ def test_rollout_config_decides_whether_tool_errors_train():
     plan = RolloutPlan(initial_chains=1)
     assert make_rollout(plan)[0].drop_tool_errors
     engine = ScriptedEngine(random_policy)
-    kept = TreeRollout(engine, FakeSearch(), RolloutConfig(train_on_tool_errors=True), plan, CreditConfig())
+    kept = TreeRollout(engine, FakeSearch(), RolloutConfig(train_on_tool_errors=True), plan)
     assert not kept.drop_tool_errors
     greedy = TreeRollout(engine, FakeSearch(), RolloutConfig(), RolloutPlan.greedy())
     assert not greedy.drop_tool_errors  # evaluation scores every trajectory
@@ -240,7 +247,7 @@ def test_chain_mode_uses_grpo_outcome_advantages():
     plan = RolloutPlan.from_config(cfg)
     assert (plan.initial_chains, plan.expansion_iterations, plan.advantage) == (5, 0, "grpo")
     ro, _, _ = make_rollout(plan)
-    batch = ro.rollout(examples(2), seed=8)
+    batch = run(ro, examples(2), seed=8)
     for k, t in enumerate(batch.trees):
         assert len(t.nodes[0].children) == 5 and len(t.leaves()) == 5
         rows = [s for s in batch.sequences if s.tree_index == k]
@@ -262,16 +269,16 @@ def test_grpo_single_leaf_group_gets_its_reward():
 
 def test_leaf_sampling_prunes_to_leaves_per_tree():
     ro, _, _ = make_rollout(RolloutPlan(initial_chains=5, leaves_per_tree=3))
-    batch = ro.rollout(examples(2), seed=2)
+    batch = run(ro, examples(2), seed=2)
     assert batch.stats["rollout/leaves"] == 10 and batch.stats["rollout/sequences"] == 6
     assert all(len(t.leaves()) == 3 for t in batch.trees)
 
 
 def test_same_seed_same_trees():
     plan = RolloutPlan(initial_chains=3, expansion_iterations=1, top_k=2, expansion_mode="random")
-    a = make_rollout(plan)[0].rollout(examples(2), seed=4)
-    b = make_rollout(plan)[0].rollout(examples(2), seed=4)
-    c = make_rollout(plan)[0].rollout(examples(2), seed=5)
+    a = run(make_rollout(plan)[0], examples(2), seed=4)
+    b = run(make_rollout(plan)[0], examples(2), seed=4)
+    c = run(make_rollout(plan)[0], examples(2), seed=5)
     assert [t.to_dict() for t in a.trees] == [t.to_dict() for t in b.trees]
     assert [t.to_dict() for t in a.trees] != [t.to_dict() for t in c.trees]
 
@@ -282,7 +289,7 @@ def test_assistant_prefix_is_the_first_observation():
 
     ro, _, search = make_rollout(RolloutPlan(initial_chains=2, expansion_iterations=1, top_k=1),
                                  policy=policy, assistant_prefix="<search>")
-    batch = ro.rollout(examples(1), seed=0)
+    batch = run(ro, examples(1), seed=0)
     t = batch.trees[0]
     for c in t.nodes[0].children:
         assert CharTokenizer().decode(t.nodes[c].tokens[: t.nodes[c].obs_len]) == "<search>"
@@ -303,7 +310,7 @@ class _Collect(HTMLParser):
 
 def test_visualize_json_and_html(tmp_path):
     ro, _, _ = make_rollout(RolloutPlan(initial_chains=3, expansion_iterations=1, top_k=2))
-    batch = ro.rollout(examples(2), seed=9)
+    batch = run(ro, examples(2), seed=9)
     tok = CharTokenizer()
     path = write_trees_json(batch.trees, tmp_path / "t.json", tok, batch.stats)
     doc = json.loads(path.read_text())
@@ -388,15 +395,16 @@ def test_rollout_and_eval_commands(tmp_path, monkeypatch):
     with the scripted engine standing in for the model."""
     from atpo_megatron import evaluate as ev
 
-    real_env = tr.rollout_environment
-    monkeypatch.setattr(tr, "rollout_environment",
-                        lambda cfg, engine=None: real_env(cfg, engine=ScriptedEngine(random_policy)))
+    real_env = experience.engine_and_search
+    for module in (experience, ev):
+        monkeypatch.setattr(module, "engine_and_search",
+                            lambda cfg, engine=None: real_env(cfg, engine=ScriptedEngine(random_policy)))
     overrides = [f"data.embedded_dir={tmp_path / 'task'}", "tree.initial_chains=2", "tree.expansion_iterations=1",
                  "tree.top_k=1", "tree.leaves_per_tree=3", "rollout.max_response_tokens=600"]
     parser = argparse.ArgumentParser()
-    tr.add_rollout_arguments(parser)
+    experience.add_rollout_arguments(parser)
     args = parser.parse_args([*overrides, "--out", str(tmp_path / "out"), "--prompts", "2", "--seed", "1"])
-    assert tr.rollout_main(args) == 0
+    assert experience.rollout_main(args) == 0
     doc = json.loads((tmp_path / "out" / "trees.json").read_text())
     assert len(doc["trees"]) == 2 and doc["stats"]["rollout/leaves"] == 6
     assert doc["stats"]["rollout/search_queries"] > 0

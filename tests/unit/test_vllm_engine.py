@@ -12,7 +12,7 @@ import torch
 
 import fake_vllm
 from atpo_megatron.config import ConfigError, RolloutConfig, UserError
-from atpo_megatron.hub import resolve_model
+from atpo_megatron.model_files import resolve_model
 from atpo_megatron.rollout import SamplingParams, make_engine
 from atpo_megatron.rollout.vllm_engine import MAX_MASKED_IDS, check_free_memory, check_version, padding_bias
 

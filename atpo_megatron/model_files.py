@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from atpo_megatron.config import ConfigError
+
 BUNDLED_MODELS = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct", "smollm2": "SmolLM2-135M-Instruct"}
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -56,6 +58,18 @@ def resolve_model(name_or_path: str) -> Path:
             f"download the model beforehand and pass its folder"
         )
     return path
+
+
+def configured_model(cfg) -> Path:
+    """The folder of a run's ``model.name_or_path``; one ConfigError when it is missing (a missing warm
+    start says how to write it)."""
+    try:
+        return resolve_model(cfg.model.name_or_path)
+    except FileNotFoundError as exc:
+        if Path(cfg.model.name_or_path) == Path(cfg.sft.out_dir):
+            raise ConfigError(f"model.name_or_path={cfg.model.name_or_path} is sft.out_dir and holds no model "
+                              "yet: write the warm start first with `atpo sft CONFIG` (same config)") from None
+        raise ConfigError(f"model.name_or_path: {exc}") from None
 
 
 def model_config(name_or_path: str):
