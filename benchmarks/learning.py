@@ -78,7 +78,7 @@ CLAIMS = {  # the paper's ordering (Tables 1-2), as "AT²PO beats <arm>"
 # CPU budget: a tree run generates ~700 tokens per step and one step takes 75-110 s on one thread (the update
 # dominates); 2,500 tokens = 4 tree steps, so the 25 runs took 67 min with --parallel 2 (6,000 needed ~3 h).
 PRESETS = {
-    "cpu": dict(model="warm-start", tree="2,2,2", batch_prompts=3, mini_batch_prompts=1, lr=3e-5, token_budget=2500,
+    "cpu": dict(model="warm-start", tree="2,2,2", batch_prompts=3, mini_batch_prompts=1, lr=3e-5, token_budget=4000,
                 steps=30, eval_limit=24, max_response_tokens=512, rl_seeds="0,1,2,3,4", nproc_per_node=0),
     "gpu": dict(model=None, tree="10,2,6", batch_prompts=32, mini_batch_prompts=8, lr=1e-6, token_budget=4_000_000,
                 steps=240, eval_limit=200, max_response_tokens=6192, rl_seeds="0,1,2,3,4", nproc_per_node=8),
@@ -272,12 +272,12 @@ def summarize_run(arm: str, seed: int, folder: Path, last_k: int) -> dict[str, A
 
     k = max(1, min(last_k, len(rows) // 2))
     first, last = (lambda xs: sum(xs[:k]) / k), (lambda xs: sum(xs[-k:]) / k)
-    generated, chain = sum(col("rollout/generated_tokens")), sum(col("rollout/chain_tokens"))
     curves = {name: col(tag) for name, tag in CURVES.items()}
     return {
         "arm": arm, "seed": seed, "steps": len(rows), "k": k,
         "generated_tokens": rows[-1]["rollout/generated_tokens_total"],
-        "token_saving": 1.0 - generated / chain if chain else 0.0,
+        "token_saving": saving(rows),
+        "token_saving_last": saving(rows[-k:]),
         "reward_first": first(curves["reward"]), "reward_last": last(curves["reward"]),
         "em_first": first(curves["training EM"]), "em_last": last(curves["training EM"]),
         "format_first": first(curves["format failures"]), "format_last": last(curves["format failures"]),
@@ -291,6 +291,12 @@ def summarize_run(arm: str, seed: int, folder: Path, last_k: int) -> dict[str, A
                       for r in rows) / len(rows),
         "curves": {"tokens": col("rollout/generated_tokens_total"), **curves},
     }
+
+
+def saving(rows: list[dict[str, Any]]) -> float:
+    """1 - generated / chain tokens over ``rows``: what the trees saved against chains with the same leaves."""
+    chain = sum(r.get("rollout/chain_tokens", 0.0) for r in rows)
+    return 1.0 - sum(r.get("rollout/generated_tokens", 0.0) for r in rows) / chain if chain else 0.0
 
 
 CURVES = {"reward": "rollout/reward_mean", "training EM": "rollout/em", "format failures": "rollout/format_failure_rate",
@@ -310,7 +316,7 @@ def mean_ci(xs: list[float]) -> tuple[float, float]:
 
 
 ARM_FIELDS = ("eval_em", "eval_gain", "reward_gain", "reward_last", "em_last", "format_last", "tools_last",
-              "token_saving", "steps", "distinct_answers")
+              "token_saving", "token_saving_last", "steps", "distinct_answers")
 
 
 def per_arm(runs: list[dict[str, Any]], before: dict[str, Any]) -> list[dict[str, Any]]:
@@ -366,11 +372,12 @@ def arm_table(arms: list[dict[str, Any]], before: dict[str, Any]) -> str:
     header = ["arm", "seeds", f"greedy eval EM (before: {before['em']:.3f})", "eval EM gain",
               f"distinct answers (of {before['golden_distinct']} golden)", "reward gain, first → last k steps",
               "reward, last k", "training EM, last k", "format failures, last k", "tool calls / leaf, last k",
-              "token saving", "steps"]
+              "token saving (whole run)", "token saving, last k", "steps"]
     return md_table(header, [[a["arm"], str(len(a["seeds"])), fmt(a["eval_em"]), fmt(a["eval_gain"], "+.3f"),
                               fmt(a["distinct_answers"], ".1f"), fmt(a["reward_gain"], "+.3f"),
                               fmt(a["reward_last"], "+.3f"), fmt(a["em_last"]), fmt(a["format_last"], ".2f"),
-                              fmt(a["tools_last"], ".2f"), fmt(a["token_saving"], ".2f"), fmt(a["steps"], ".1f")]
+                              fmt(a["tools_last"], ".2f"), fmt(a["token_saving"], ".2f"),
+                              fmt(a["token_saving_last"], ".2f"), fmt(a["steps"], ".1f")]
                              for a in arms])
 
 

@@ -34,6 +34,9 @@ ranks. Megatron's schedule, reading ``schedules.forward_step_calc_loss`` and
 So the gradient is ``(1/N) * sum over ranks, micro-batches and sequences of grad(token-mean_i)`` =
 ``grad L`` whatever the micro-batch split, DP size or PP size, as long as a sequence is never split
 (it is not). GRPO's token-mean is the same with ``numerator = token sum`` and ``count = tokens``.
+A sequence with ``A = 0`` on every loss token (every leaf of a tree whose leaves all got one reward)
+adds 0 to the numerator and to the gradient: ``train_step`` does not run it and adds its count to
+the first micro-batch's (of DP rank 0 with ``shard=True``), so ``N`` and the gradient are unchanged.
 ``count`` is megatron's "number of tokens" slot used as a generic denominator.
 
 **Non-finite values.** Input data with NaN/inf where ``loss_mask`` is 1, or a mask not 0/1, is
@@ -65,7 +68,7 @@ from atpo_megatron.actor.batching import (
 )
 from atpo_megatron.actor.logprobs import vocab_parallel_logprobs_entropy
 from atpo_megatron import distributed
-from atpo_megatron.algo.losses import TOKEN_LOSSES, policy_loss
+from atpo_megatron.algo.losses import LOSS_AGGREGATION, TOKEN_LOSSES, policy_loss, sequence_count, trains_nothing
 
 
 class NonFiniteError(FloatingPointError):
@@ -263,10 +266,11 @@ _STAT_KEYS = (
     "entropy",  # token-weighted
     "h_turn",  # sequence-weighted
     "single_turn",
+    "skipped",  # sequences with A = 0 on every loss token: counted, not run (see train_step)
 )
 
 
-def _micro_batch_stats(mb, logp, ent, numerator, count, metrics) -> torch.Tensor:
+def _micro_batch_stats(mb, logp, ent, numerator, count, metrics, skipped) -> torch.Tensor:
     m = mb.loss_mask
     n_tok = m.sum()
     n_seq = (m.sum(dim=1) > 0).sum().float()
@@ -285,6 +289,7 @@ def _micro_batch_stats(mb, logp, ent, numerator, count, metrics) -> torch.Tensor
         "entropy": (torch.nan_to_num(ent) * m).sum(),
         "h_turn": metrics["actor/turn_kl_entropy"] * n_seq,
         "single_turn": metrics["actor/single_turn_count"],
+        "skipped": skipped,
     }
     return torch.stack([torch.as_tensor(vals[k], dtype=torch.float32, device=m.device).reshape(()) for k in _STAT_KEYS])
 
@@ -338,7 +343,9 @@ def train_step(
     ``actor/pg_clipfrac``, ``actor/log_ratio_abs_mean`` (|turn/sequence/token log-ratio|),
     ``actor/ppo_kl``, ``actor/turn_kl_entropy`` (H_turn), ``actor/single_turn_count``,
     ``actor/entropy`` (mean over loss tokens), ``actor/loss_tokens``, ``actor/input_tokens``,
-    ``actor/sequences``, ``actor/micro_batches`` (this rank's), and ``actor/pg_clipfrac_lower`` for GRPO.
+    ``actor/sequences``, ``actor/skipped_sequences`` (A = 0 on every loss token: counted in the loss's
+    normaliser, not run; the token means above are over the sequences run), ``actor/micro_batches``
+    (this rank's), and ``actor/pg_clipfrac_lower`` for GRPO.
     Raises :class:`NonFiniteError` (weights untouched) when the loss or the gradient is not finite.
     """
     if loss_name not in TOKEN_LOSSES:
@@ -351,7 +358,16 @@ def train_step(
             "calculate_per_token_loss and finalize_model_grads_func, on which the exact aggregation relies)"
         )
     loss_of = partial(policy_loss, loss_name, **(clip_kwargs or {}))
-    _, mbs = _local_micro_batches(models, sequences, max_tokens, shard, order, pad_id)
+    # Sequences with A = 0 on every loss token add nothing to the loss or its gradient, only to its count:
+    # they are not run, and their count is carried by this rank's first micro-batch (by DP rank 0 when every
+    # rank holds the full list), so finalize_model_grads still divides by the whole mini-batch's count.
+    agg = LOSS_AGGREGATION[loss_name]
+    idle = [trains_nothing(s.advantages, s.loss_mask) for s in sequences]
+    carries = not shard or _dp()[1] == 0
+    skipped = float(sum(any(s.loss_mask) for s, i in zip(sequences, idle) if i)) if carries else 0.0
+    skipped_count = float(sum(sequence_count(s.loss_mask, agg) for s, i in zip(sequences, idle) if i)) if carries else 0.0
+    trained = [s for s, i in zip(sequences, idle) if not i]
+    _, mbs = _local_micro_batches(models, trained, max_tokens, shard, order, pad_id)
     _validate_training_data(mbs)
     stats: list[torch.Tensor] = []
 
@@ -362,7 +378,9 @@ def train_step(
         finite = torch.isfinite(logp)
         safe_logp = torch.where(finite, logp, torch.zeros_like(logp))
         numerator, count, metrics = loss_of(safe_logp, mb.old_logprobs, mb.advantages, mb.loss_mask)
-        stats.append(_micro_batch_stats(mb, logp.detach(), ent, numerator, count, metrics))
+        first = mb is mbs[0]
+        count = count + skipped_count if first else count
+        stats.append(_micro_batch_stats(mb, logp.detach(), ent, numerator, count, metrics, skipped if first else 0.0))
         # (loss, count, reported): with calculate_per_token_loss the schedule neither divides the loss
         # by count nor by the number of micro-batches; finalize_model_grads divides by the global count.
         return numerator, count.round().to(torch.int), {}
@@ -407,7 +425,8 @@ def train_step(
         "actor/entropy": t["entropy"] / tokens,
         "actor/loss_tokens": t["loss_tokens"],
         "actor/input_tokens": t["input_tokens"],
-        "actor/sequences": t["loss_seqs"],
+        "actor/sequences": t["loss_seqs"] + t["skipped"],
+        "actor/skipped_sequences": t["skipped"],
         "actor/micro_batches": float(len(mbs)),
     }
     if loss_name == "grpo":

@@ -15,10 +15,15 @@ of their counts: exact whatever the split (megatron's ``calculate_per_token_loss
 global count; ``actor/train_step.py``). A sequence must not be split across micro-batches.
 The losses never synchronise with the host; :func:`check_inputs` (one sync) validates a batch once,
 at its boundary.
+
+A sequence whose advantage is 0 on every loss token adds 0 to every numerator here and nothing to the
+gradient (each token's loss is ``A`` times a ratio term; there is no KL or entropy term), only to the
+count: :func:`trains_nothing` and :func:`sequence_count` let training skip its forward and backward
+pass and still divide by the full count (``actor/train_step.py``).
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -259,6 +264,21 @@ def loss_normalizer(loss_mask: Tensor, agg: str) -> Tensor:
         return (m.sum(dim=1) > 0).float().sum()
     if agg == TOKEN_MEAN:
         return m.sum()
+    raise ValueError(f"unknown aggregation {agg!r}; use {SEQ_MEAN_TOKEN_MEAN!r} or {TOKEN_MEAN!r}")
+
+
+def trains_nothing(advantages: Sequence[float], loss_mask: Sequence[int]) -> bool:
+    """True when a sequence (per-token lists) has a 0/1 mask and ``A = 0`` on every loss token: every loss
+    here is then 0 on it, and so is its gradient. (A NaN advantage is not 0: it is trained, and refused.)"""
+    return all(m in (0, 1) for m in loss_mask) and not any(a != 0 for a, m in zip(advantages, loss_mask) if m)
+
+
+def sequence_count(loss_mask: Sequence[int], agg: str) -> int:
+    """What one sequence (its per-token mask) adds to :func:`loss_normalizer`'s count under ``agg``."""
+    if agg == SEQ_MEAN_TOKEN_MEAN:
+        return int(any(loss_mask))
+    if agg == TOKEN_MEAN:
+        return int(sum(loss_mask))
     raise ValueError(f"unknown aggregation {agg!r}; use {SEQ_MEAN_TOKEN_MEAN!r} or {TOKEN_MEAN!r}")
 
 

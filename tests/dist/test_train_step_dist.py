@@ -29,9 +29,10 @@ class Seq:
         self.advantages, self.old_logprobs = advantages, old_logprobs
 
 
-def _sequences(n=7, seed=0):
+def _sequences(n=7, seed=0, idle=()):
     """Multi-turn sequences: turns of generated tokens (mask 1) separated by tool output (mask 0),
-    one advantage per turn, different lengths (so micro-batches and DP shares differ in shape)."""
+    one advantage per turn, different lengths (so micro-batches and DP shares differ in shape);
+    the sequences at ``idle`` get A = 0 on every turn (a leaf of an all-equal-reward tree)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -44,7 +45,7 @@ def _sequences(n=7, seed=0):
                 mask += [0] * 2
                 adv += [0.0] * 2
             k = 2 + (i + turn) % 4
-            a = float(torch.randn((), generator=g))
+            a = 0.0 if i in idle else float(torch.randn((), generator=g))
             mask += [1] * k
             adv += [a] * k
         response = torch.randint(0, 100, (len(mask),), generator=g).tolist()
@@ -164,7 +165,8 @@ def exactness_worker():
     from atpo_megatron.actor.train_step import compute_logprobs, train_step
 
     out = {}
-    seqs = _sequences(8)
+    idle = (1, 6)  # not run by train_step, but in the reference's (and so the loss's) normaliser
+    seqs = _sequences(8, idle=idle)
     clips = {"atpo": {"clip_low": 3e-3, "clip_high": 4e-3}, "grpo": {"clip_low": 2e-3, "clip_high": 2e-3, "dual_clip": 3.0}}
 
     # TP=1, DP=2 with name-initialised weights: also the reference for the PP layouts below.
@@ -180,7 +182,9 @@ def exactness_worker():
             rel, scale = _compare(ref, models)
             out[f"dp2_{name}_{budget}"] = {"rel": rel, "scale": scale, "loss": metrics["actor/pg_loss"],
                                            "ref_loss": ref_loss, "mbs": metrics["actor/micro_batches"],
-                                           "clipfrac": metrics["actor/pg_clipfrac"]}
+                                           "clipfrac": metrics["actor/pg_clipfrac"],
+                                           "skipped": metrics["actor/skipped_sequences"],
+                                           "sequences": metrics["actor/sequences"]}
     # a mini-batch of one sequence: DP rank 1 has nothing and runs an empty micro-batch
     wide = {"clip_low": 0.2, "clip_high": 0.2}
     ref_loss, ref = _reference_grads(models, seqs[:1], "atpo", wide)
@@ -188,6 +192,11 @@ def exactness_worker():
     rel, scale = _compare(ref, models)
     out["dp2_one_sequence"] = {"rel": rel, "scale": scale, "loss": metrics["actor/pg_loss"], "ref_loss": ref_loss,
                                "mbs": metrics["actor/micro_batches"]}
+    # a mini-batch with no advantage at all: nothing is run, the loss and the gradient are 0, no rank hangs
+    metrics = train_step(models, optimizer, [seqs[i] for i in idle], "atpo", clips["atpo"], max_tokens=64,
+                         vocab_size=100)
+    out_idle = {k: metrics[f"actor/{k}"] for k in ("pg_loss", "grad_norm", "skipped_sequences", "sequences")}
+    out_idle["max_grad"] = max(p.main_grad.abs().max().item() for _, p in _global_names(models))
     ps.destroy_model_parallel()
 
     # DP=2 with the gradient all-reduce overlapped with the backward, in several small buckets
@@ -223,17 +232,22 @@ def exactness_worker():
                                                       "logprob_diff": lp_diff}
             ps.destroy_model_parallel()
     destroy_distributed()
-    return out
+    return out, out_idle
 
 
 def test_gradient_is_exact_for_any_split():
     results = run_dist(__file__, "exactness_worker", nproc=2, timeout=400)
-    for rank, res in enumerate(results):
+    for rank, (res, idle) in enumerate(results):
+        assert idle == {"pg_loss": 0.0, "grad_norm": 0.0, "skipped_sequences": 2.0, "sequences": 2.0,
+                        "max_grad": 0.0}, (rank, idle)
+        for key in ("dp2_atpo_200", "dp2_grpo_12"):  # 2 of the 8 counted, not run
+            assert (res[key]["skipped"], res[key]["sequences"]) == (2.0, 8.0), (rank, key, res[key])
         for key, r in res.items():
             assert r["rel"] <= RTOL and r["scale"] > 1e-3, (rank, key, r)
             assert abs(r["loss"] - r["ref_loss"]) <= 1e-6 * max(1.0, abs(r["ref_loss"])), (rank, key, r)
             assert r.get("logprob_diff", 0.0) <= 1e-5, (rank, key, r)  # PP forward-only pass, gathered everywhere
     # the budgets really produced 1, 2 and 3+ micro-batches, and the interleaved runs a multiple of PP
+    results = [res for res, _ in results]
     mbs = {k: results[0][k]["mbs"] for k in results[0]}
     assert (mbs["dp2_atpo_200"], mbs["dp2_atpo_40"]) == (1, 2) and mbs["dp2_atpo_12"] >= 3, mbs
     assert results[0]["dp2_overlap_atpo_24"]["buckets"] > 1 and mbs["dp2_overlap_atpo_24"] >= 2

@@ -12,6 +12,8 @@ from atpo_megatron.algo.losses import (
     loss_normalizer,
     loss_numerator,
     policy_loss,
+    sequence_count,
+    trains_nothing,
     turn_ids,
     turn_kl_entropy,
 )
@@ -248,6 +250,37 @@ def test_split_batch_with_global_normalizer_is_exact(name):
     total.backward()
     assert total.item() == pytest.approx(full.item(), rel=1e-12)
     torch.testing.assert_close(logp.grad, full_grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["atpo", "gspo", "grpo"])
+def test_zero_advantage_rows_add_only_to_the_count(name):
+    """What train_step relies on to skip them: a row with A = 0 on every loss token adds 0 to the numerator and
+    0 to every gradient, whatever its ratios (far off-policy, clipped, dual-clipped), and sequence_count is
+    its share of loss_normalizer."""
+    logp, old, adv, mask = _random_batch(7)
+    with torch.no_grad():
+        old[1] -= 2.0  # ratios e^2: clipped by every loss
+        adv[1] = 0.0
+        adv[4] = torch.where(mask[4] > 0, 0.0, 5.0)  # nonzero only off the mask
+    rows = [r for r in range(len(mask)) if trains_nothing(adv[r].tolist(), mask[r].tolist())]
+    assert rows == [1, 4]
+    numerator, count, _ = policy_loss(name, logp, old, adv, mask, clip_low=0.1, clip_high=0.1)
+    numerator.backward()
+    assert logp.grad[rows].abs().max().item() == 0.0 and logp.grad.abs().max().item() > 0.0
+    rest = [r for r in range(len(mask)) if r not in rows]
+    alone, _, _ = policy_loss(name, logp[rest], old[rest], adv[rest], mask[rest], clip_low=0.1, clip_high=0.1)
+    assert alone.item() == pytest.approx(numerator.item(), rel=1e-12)
+    agg = LOSS_AGGREGATION[name]
+    assert sum(sequence_count(m.tolist(), agg) for m in mask) == count.item()
+    assert sequence_count([0, 1, 1, 0, 1], "seq-mean-token-mean") == 1 and sequence_count([0, 1, 1, 0, 1], "token-mean") == 3
+
+
+def test_what_trains_nothing():
+    assert trains_nothing([0.0, 0.0, 3.0], [1, 1, 0])  # the nonzero value is under tool output
+    assert trains_nothing([], [])
+    assert not trains_nothing([0.0, -0.5], [1, 1])
+    assert not trains_nothing([NAN, 0.0], [1, 1])  # a NaN advantage is trained, so that it is refused
+    assert not trains_nothing([0.0, 0.0], [1, 2])  # a bad mask is run, so that it is refused
 
 
 def test_aggregate_modes_by_hand():
