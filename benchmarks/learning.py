@@ -1,6 +1,6 @@
 """Does it learn, and does AT²PO beat its baselines? Five arms x N RL seeds at one generated-token budget.
 
-    python benchmarks/learning.py --parallel 2                      # CPU: 5 arms x 5 seeds (67 min on 2 cores, measured)
+    python benchmarks/learning.py --parallel 2                      # CPU: 5 arms x 5 seeds (73 min on 2 cores, measured)
     python benchmarks/learning.py --rl-seeds 0 --arms atpo-entropy,grpo-chain     # a quick look
     python benchmarks/learning.py --gpu --model /models/Qwen3-4B --nproc-per-node 8   # the paper's setting
 
@@ -75,8 +75,8 @@ CLAIMS = {  # the paper's ordering (Tables 1-2), as "AT²PO beats <arm>"
     "gspo-chain": "AT²PO beats GSPO on chains (Table 1)",
 }
 
-# CPU budget: a tree run generates ~700 tokens per step and one step takes 75-110 s on one thread (the update
-# dominates); 2,500 tokens = 4 tree steps, so the 25 runs took 67 min with --parallel 2 (6,000 needed ~3 h).
+# CPU budget: a tree run generates ~700 tokens per step and one step takes 45-60 s on one thread (zero-advantage
+# leaves are not run by the update); 4,000 tokens = 6-7 tree steps, 25 runs in 73 min with --parallel 2.
 PRESETS = {
     "cpu": dict(model="warm-start", tree="2,2,2", batch_prompts=3, mini_batch_prompts=1, lr=3e-5, token_budget=4000,
                 steps=30, eval_limit=24, max_response_tokens=512, rl_seeds="0,1,2,3,4", nproc_per_node=0),
