@@ -1,6 +1,8 @@
 """Does it learn, and does AT²PO beat its baselines? Five arms x N RL seeds at one generated-token budget.
 
     python benchmarks/learning.py --parallel 2                      # CPU: 5 arms x 5 seeds (73 min on 2 cores, measured)
+    python benchmarks/learning.py --parallel 2 --rl-seeds 5,6,7,8,9 --merge benchmarks/results/learning_cpu.json
+                                                                    # 5 more seeds, pooled with the first 5
     python benchmarks/learning.py --rl-seeds 0 --arms atpo-entropy,grpo-chain     # a quick look
     python benchmarks/learning.py --gpu --model /models/Qwen3-4B --nproc-per-node 8   # the paper's setting
 
@@ -41,8 +43,14 @@ the mean reward, training EM (sampled leaves, no format check) and format failur
 and the last k steps; greedy EM on the held-out questions before (shared: the warm start) and after,
 with the number of distinct answers (a constant answer can score EM by luck). Per arm: mean and 95 %
 confidence interval (Student t) over seeds. AT²PO against each baseline: the per-seed difference,
-its mean and paired 95 % interval, and the number of seeds it wins. Outputs: ``--json``, a Markdown
-copy, and a PNG of the curves (mean and 95 % band per arm, against generated tokens).
+its mean and paired 95 % interval, the number of seeds it wins, and how many seeds the interval would
+need to exclude 0 if the differences kept their measured mean and SD (a planning figure). Outputs:
+``--json``, a Markdown copy, and a PNG of the curves (mean and 95 % band per arm, against generated tokens).
+
+More seeds. Seeds differ more than arms do at a few steps, so separating the arms takes seeds, and
+seeds take time: ``--merge REPORT`` pools an earlier report's runs (other seeds) with this
+invocation's, after checking that both ran the same overrides from the same warm start (its held-out
+evaluation must match exactly) and that no arm and seed is counted twice, before any run starts.
 """
 
 from __future__ import annotations
@@ -84,8 +92,9 @@ PRESETS = {
                 steps=240, eval_limit=200, max_response_tokens=6192, rl_seeds="0,1,2,3,4", nproc_per_node=8),
 }
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086]
-"""Two-sided 95 % Student t quantiles for 1..20 degrees of freedom (1.96 beyond)."""
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
+         2.042]
+"""Two-sided 95 % Student t quantiles for 1..30 degrees of freedom (beyond: :func:`t_975`'s expansion)."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -118,6 +127,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "2 threads ran several times slower whenever another job held a core)")
     p.add_argument("--parallel", type=int, default=1, help="runs at once")
     p.add_argument("--reuse", action="store_true", help="keep the runs whose folder holds a finished summary")
+    p.add_argument("--merge", action="append", default=[], metavar="JSON",
+                   help="add the runs of an earlier report (other RL seeds, same settings and warm start: checked) "
+                        "to this one, so a benchmark grows by seeds over several invocations; repeatable")
     args = p.parse_args(argv)
     kind = "gpu" if args.gpu else "cpu"
     for key, value in PRESETS[kind].items():
@@ -305,6 +317,15 @@ CURVES = {"reward": "rollout/reward_mean", "training EM": "rollout/em", "format 
 
 # ------------------------------------------------------------------------------------- statistics
 
+def t_975(dof: int) -> float:
+    """The 97.5 % Student t quantile: the table up to 30 degrees of freedom, then the Cornish-Fisher expansion
+    around z = 1.95996 (within 1e-4 of the exact value from 30 on)."""
+    if dof <= len(T_975):
+        return T_975[dof - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * dof) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * dof ** 2)
+
+
 def mean_ci(xs: list[float]) -> tuple[float, float]:
     """Mean and half-width of the two-sided 95 % Student t interval (nan for one value)."""
     n = len(xs)
@@ -312,7 +333,18 @@ def mean_ci(xs: list[float]) -> tuple[float, float]:
     if n < 2:
         return mean, math.nan
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    return mean, (T_975[n - 2] if n - 1 <= len(T_975) else 1.96) * sd / math.sqrt(n)
+    return mean, t_975(n - 1) * sd / math.sqrt(n)
+
+
+def seeds_to_resolve(diffs: list[float], most: int = 100) -> int | None:
+    """Seeds the paired 95 % interval needs to exclude 0 if the differences kept the mean and SD measured
+    here: the smallest n with t(n-1) sd / sqrt(n) < |mean| (None: more than ``most``, or a zero mean).
+    A planning figure for the next invocation, not a result: half of such reruns would still not resolve."""
+    if len(diffs) < 2:
+        return None
+    mean = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    return next((n for n in range(2, most + 1) if t_975(n - 1) * sd / math.sqrt(n) < abs(mean)), None)
 
 
 ARM_FIELDS = ("eval_em", "eval_gain", "reward_gain", "reward_last", "em_last", "format_last", "tools_last",
@@ -352,8 +384,55 @@ def paired(runs: list[dict[str, Any]], field: str, before: dict[str, Any]) -> li
         verdict = ("holds" if mean - ci > 0 else "reversed" if mean + ci < 0 else "not resolved") \
             if not math.isnan(ci) else "one seed"
         out.append({"baseline": arm, "field": field, "claim": CLAIMS[arm], "diffs": diffs, "mean": mean, "ci": ci,
-                    "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs), "verdict": verdict})
+                    "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs), "verdict": verdict,
+                    "seeds_to_resolve": seeds_to_resolve(diffs)})
     return out
+
+
+def shown(text: str) -> str:
+    """``text`` with this checkout's root removed from its paths (reports name no machine's folders)."""
+    return text.replace(str(REPO_ROOT) + os.sep, "")
+
+
+def pooling_key(report: dict[str, Any]) -> dict[str, Any]:
+    """What two reports must share for their runs to be pooled: every run's overrides (with the benchmark's
+    folder written as <out>) and the warm start's held-out evaluation (the same warm start scores the same)."""
+    task_dir = next(o.split("=", 1)[1] for o in report["base_overrides"] if o.startswith("data.embedded_dir="))
+    folder = str(Path(task_dir).parent)
+    return {"overrides": [o.replace(folder, "<out>") for o in report["base_overrides"]],
+            "eval_before": report["eval_before"]}
+
+
+def pooled(report: dict[str, Any], earlier: list[tuple[str, dict[str, Any]]],
+           planned: set[tuple[str, int]] = frozenset()) -> list[dict[str, Any]]:
+    """``report``'s runs and those of the ``earlier`` (path, report) pairs, sorted by seed then arm; ValueError
+    (one line) when a report's settings or warm start differ, or an arm and seed would be counted twice."""
+    mine = pooling_key(report)
+    runs = list(report["runs"])
+    taken = {(r["arm"], r["seed"]) for r in runs} | set(planned)
+    for path, other in earlier:
+        theirs = pooling_key(other)
+        if theirs["overrides"] != mine["overrides"]:
+            differ = sorted(set(theirs["overrides"]) ^ set(mine["overrides"]))
+            raise ValueError(f"{path} has other settings: {', '.join(differ)}")
+        if theirs["eval_before"] != mine["eval_before"]:
+            raise ValueError(f"{path} started from another warm start: held-out evaluation {theirs['eval_before']} "
+                             f"here {mine['eval_before']}")
+        twice = [f"{r['arm']} seed {r['seed']}" for r in other["runs"] if (r["arm"], r["seed"]) in taken]
+        if twice:
+            raise ValueError(f"{path} holds runs this report has too: {', '.join(twice)}")
+        taken |= {(r["arm"], r["seed"]) for r in other["runs"]}
+        runs += other["runs"]
+    order = {arm: i for i, arm in enumerate(ARMS)}
+    return sorted(runs, key=lambda r: (r["seed"], order[r["arm"]]))
+
+
+def invocations_of(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The benchmark invocations whose runs ``report`` holds (one, or those it pooled)."""
+    if "invocations" in report:
+        return report["invocations"]
+    return [{"command": report["command"], "rl_seeds": sorted({r["seed"] for r in report["runs"]}),
+             "total_wall_s": report["total_wall_s"], "parallel": report["parallel"], "threads": report["threads"]}]
 
 
 # -------------------------------------------------------------------------------------- reporting
@@ -383,9 +462,10 @@ def arm_table(arms: list[dict[str, Any]], before: dict[str, Any]) -> str:
 
 def paired_table(comparisons: list[dict[str, Any]]) -> str:
     header = ["AT²PO vs", "paper's claim", "metric", "AT²PO − baseline per seed", "mean ± 95 % CI", "seeds won",
-              "verdict"]
+              "verdict", "seeds to resolve at this mean and SD"]
     return md_table(header, [[c["baseline"], c["claim"], c["field"], ", ".join(f"{d:+.3f}" for d in c["diffs"]),
-                              fmt((c["mean"], c["ci"]), "+.3f"), f"{c['wins']}/{len(c['diffs'])}", c["verdict"]]
+                              fmt((c["mean"], c["ci"]), "+.3f"), f"{c['wins']}/{len(c['diffs'])}", c["verdict"],
+                              "> 100" if c["seeds_to_resolve"] is None else str(c["seeds_to_resolve"])]
                              for c in comparisons])
 
 
@@ -420,7 +500,7 @@ def plot(runs: list[dict[str, Any]], path: str, title: str, budget: int) -> None
             mean = ys.mean(0)
             ax.plot(grid / 1000, mean, color=f"C{i}", label=f"{arm} ({len(mine)} seeds)")
             if len(mine) > 1:
-                half = T_975[min(len(mine) - 2, len(T_975) - 1)] * ys.std(0, ddof=1) / np.sqrt(len(mine))
+                half = t_975(len(mine) - 1) * ys.std(0, ddof=1) / np.sqrt(len(mine))
                 ax.fill_between(grid / 1000, mean - half, mean + half, color=f"C{i}", alpha=0.15)
     for ax, name in zip(axes, CURVES):
         ax.set_title(name, fontsize=10)
@@ -443,7 +523,13 @@ def main(argv=None) -> int:
     before = evaluate_before(args, task, model)
     print(f"before RL: greedy EM {before['em']:.3f} on {before['n']} held-out questions, {before['distinct_answers']} "
           f"distinct answers, {before['tool_calls']:.2f} tool calls per question", flush=True)
-    base = base_overrides(args, task, model)
+    base = [shown(o) for o in base_overrides(args, task, model)]
+    earlier = [(path, json.loads(Path(path).read_text())) for path in args.merge]
+    try:  # before the runs: a report that cannot be pooled must not cost an hour first
+        pooled({"base_overrides": base, "eval_before": before, "runs": []}, earlier,
+               {(a, s) for a in args.arm_list for s in args.seed_list})
+    except ValueError as exc:
+        raise SystemExit(f"--merge: {exc}") from None
     queue = [(arm, seed) for seed in args.seed_list for arm in args.arm_list]
     running: list[dict[str, Any]] = []
     while queue or running:
@@ -464,26 +550,31 @@ def main(argv=None) -> int:
         print(f"{len(missing)} run(s) failed: {', '.join(missing)}; the results are written only when every run "
               "has finished: run the same command again with --reuse to run just those", flush=True)
         return 1
-    runs = [json.loads(p.read_text()) for p in summaries]
-    arms = per_arm(runs, before)
-    comparisons = paired(runs, "eval_em", before) + paired(runs, "reward_gain", before)
     report = {
         "benchmark": "learning", "command": "python benchmarks/learning.py " + " ".join(sys.argv[1:] if argv is None
                                                                                       else argv),
-        "preset": "gpu" if args.gpu else "cpu", "model": model, "tree": args.tree, "hops": args.hop_list,
+        "preset": "gpu" if args.gpu else "cpu", "model": shown(model), "tree": args.tree, "hops": args.hop_list,
         "batch_prompts": args.batch_prompts, "token_budget": args.token_budget, "lr": args.lr,
         "eval_limit": args.eval_limit, "rl_seeds": args.seed_list, "threads": args.threads, "parallel": args.parallel,
         "base_overrides": base, "eval_before": before, "total_wall_s": time.time() - t0,
-        "load_average_at_end": os.getloadavg(), "arms": arms, "paired": comparisons, "runs": runs,
+        "load_average_at_end": os.getloadavg(), "runs": [json.loads(p.read_text()) for p in summaries],
     }
+    runs = pooled(report, earlier)
+    invocations = [*[inv for _, other in earlier for inv in invocations_of(other)], *invocations_of(report)]
+    arms = per_arm(runs, before)
+    comparisons = paired(runs, "eval_em", before) + paired(runs, "reward_gain", before)
+    report.update(rl_seeds=sorted({r["seed"] for r in runs}), invocations=invocations, arms=arms, paired=comparisons,
+                  runs=runs)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-    md = (f"# {Path(args.json).stem}\n\n`{report['command']}`: {args.model} from {model}, tree M,L,K = {args.tree} "
+    walls = ", ".join(f"`{i['command']}` (seeds {','.join(map(str, i['rl_seeds']))}): {i['total_wall_s']:.0f}s"
+                      for i in invocations)
+    md = (f"# {Path(args.json).stem}\n\n{args.model} from {report['model']}, tree M,L,K = {args.tree} "
           f"(chains: {args.m + args.l * args.k} per prompt), {args.batch_prompts} prompts/step, lr {args.lr}, budget "
-          f"{args.token_budget} generated tokens per run, {len(args.seed_list)} RL seeds, {args.hops}-hop questions; "
-          f"total wall {report['total_wall_s']:.0f}s.\n\nPer arm, mean ± 95 % CI over seeds:\n\n{arm_table(arms, before)}"
-          f"\n\nAT²PO against each baseline, paired by seed:\n\n{paired_table(comparisons)}\n\nEvery run:\n\n"
-          f"{run_table(runs)}\n")
+          f"{args.token_budget} generated tokens per run, {len(report['rl_seeds'])} RL seeds, {args.hops}-hop "
+          f"questions, {before['n']} held-out. Wall per invocation: {walls}.\n\nPer arm, mean ± 95 % CI over seeds:"
+          f"\n\n{arm_table(arms, before)}\n\nAT²PO against each baseline, paired by seed:\n\n"
+          f"{paired_table(comparisons)}\n\nEvery run:\n\n{run_table(runs)}\n")
     Path(args.json).with_suffix(".md").write_text(md)
     plot(runs, args.png, f"{Path(args.json).stem}: mean and 95 % band over seeds (tree {args.tree}, "
                          f"{args.batch_prompts} prompts/step, lr {args.lr})", args.token_budget)
