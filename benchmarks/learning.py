@@ -104,7 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="warm-start (CPU default: `atpo sft` of SmolLM2-135M-Instruct), a bundled name or an HF "
                         "folder (required with --gpu, e.g. a Qwen3-4B folder)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
-    p.add_argument("--rl-seeds", default=None, help="comma list; every arm runs once per seed (preset: 0..4)")
+    p.add_argument("--rl-seeds", default=None, help="comma list; every arm runs once per seed (preset: 0..4; '' "
+                                                    "with --merge: run nothing, pool the reports)")
     p.add_argument("--token-budget", type=int, default=None, help="generated tokens per run (all ranks)")
     p.add_argument("--steps", type=int, default=None, help="at most this many steps per run")
     p.add_argument("--batch-prompts", type=int, default=None, help="prompts per step")
@@ -139,7 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--gpu needs --model (a Hugging Face folder, e.g. Qwen3-4B)")
     args.engine = args.engine or ("vllm" if args.gpu else "hf")
     args.m, args.l, args.k = (int(x) for x in args.tree.split(","))
-    args.seed_list = [int(x) for x in args.rl_seeds.split(",")]
+    args.seed_list = [int(x) for x in args.rl_seeds.split(",") if x.strip()]
+    if not args.seed_list and not args.merge:
+        p.error("--rl-seeds '' runs nothing: give --merge reports to pool")
     args.hop_list = sorted({int(h) for h in args.hops.split(",")})
     args.arm_list = args.arms.split(",")
     if not set(args.hop_list) <= {1, 2, 3}:
@@ -560,7 +563,8 @@ def main(argv=None) -> int:
         "load_average_at_end": os.getloadavg(), "runs": [json.loads(p.read_text()) for p in summaries],
     }
     runs = pooled(report, earlier)
-    invocations = [*[inv for _, other in earlier for inv in invocations_of(other)], *invocations_of(report)]
+    invocations = [inv for _, other in earlier for inv in invocations_of(other)]
+    invocations += invocations_of(report) if args.seed_list else []
     arms = per_arm(runs, before)
     comparisons = paired(runs, "eval_em", before) + paired(runs, "reward_gain", before)
     report.update(rl_seeds=sorted({r["seed"] for r in runs}), invocations=invocations, arms=arms, paired=comparisons,

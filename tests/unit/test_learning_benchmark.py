@@ -98,3 +98,10 @@ def test_every_arm_is_a_valid_atpo_train_config(preset, tmp_path):
         assert cfg.optimizer.lr == 1e-6 and cfg.retriever.topk == 3 and cfg.rollout.max_response_tokens == 6192
     else:
         assert (m, l_, k) == (2, 2, 2) and cfg.model.name_or_path == "warm-start"
+
+
+def test_an_invocation_that_runs_nothing_must_pool_reports(tmp_path):
+    with pytest.raises(SystemExit):
+        learning.parse_args(["--rl-seeds", "", "--out", str(tmp_path)])
+    args = learning.parse_args(["--rl-seeds", "", "--merge", "a.json", "--merge", "b.json", "--out", str(tmp_path)])
+    assert args.seed_list == [] and args.merge == ["a.json", "b.json"]
