@@ -2,7 +2,7 @@
 
     python benchmarks/learning.py --parallel 2                      # CPU: 5 arms x 5 seeds (73 min on 2 cores, measured)
     python benchmarks/learning.py --parallel 2 --rl-seeds 5,6,7,8,9 --merge benchmarks/results/learning_cpu.json
-                                                                    # 5 more seeds, pooled with the first 5
+                                                                    # 5 more seeds, pooled with the first 5 (70 min)
     python benchmarks/learning.py --rl-seeds 0 --arms atpo-entropy,grpo-chain     # a quick look
     python benchmarks/learning.py --gpu --model /models/Qwen3-4B --nproc-per-node 8   # the paper's setting
 
