@@ -329,14 +329,17 @@ def t_975(dof: int) -> float:
     return z + (z ** 3 + z) / (4 * dof) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * dof ** 2)
 
 
-def mean_ci(xs: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the two-sided 95 % Student t interval (nan for one value)."""
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (nan for one value)."""
     n = len(xs)
     mean = sum(xs) / n
-    if n < 2:
-        return mean, math.nan
-    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    return mean, t_975(n - 1) * sd / math.sqrt(n)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else math.nan
+
+
+def mean_ci(xs: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the two-sided 95 % Student t interval (nan for one value)."""
+    mean, sd = mean_sd(xs)
+    return mean, t_975(len(xs) - 1) * sd / math.sqrt(len(xs)) if len(xs) > 1 else math.nan
 
 
 def seeds_to_resolve(diffs: list[float], most: int = 100) -> int | None:
@@ -345,8 +348,7 @@ def seeds_to_resolve(diffs: list[float], most: int = 100) -> int | None:
     A planning figure for the next invocation, not a result: half of such reruns would still not resolve."""
     if len(diffs) < 2:
         return None
-    mean = sum(diffs) / len(diffs)
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    mean, sd = mean_sd(diffs)
     return next((n for n in range(2, most + 1) if t_975(n - 1) * sd / math.sqrt(n) < abs(mean)), None)
 
 
@@ -558,7 +560,7 @@ def main(argv=None) -> int:
                                                                                       else argv),
         "preset": "gpu" if args.gpu else "cpu", "model": shown(model), "tree": args.tree, "hops": args.hop_list,
         "batch_prompts": args.batch_prompts, "token_budget": args.token_budget, "lr": args.lr,
-        "eval_limit": args.eval_limit, "rl_seeds": args.seed_list, "threads": args.threads, "parallel": args.parallel,
+        "eval_limit": args.eval_limit, "threads": args.threads, "parallel": args.parallel,
         "base_overrides": base, "eval_before": before, "total_wall_s": time.time() - t0,
         "load_average_at_end": os.getloadavg(), "runs": [json.loads(p.read_text()) for p in summaries],
     }
